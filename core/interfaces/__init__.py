@@ -1,0 +1,36 @@
+"""The abstract interface of every plugin kind; each method says when the core calls it."""
+
+from tessera.core.interfaces.attention import AttentionBackend, AttentionMetadata
+from tessera.core.interfaces.guided import GuidedDecodingBackend, Grammar, GuidedConstraint
+from tessera.core.interfaces.model import ModelArchitecture
+from tessera.core.interfaces.platform import Platform
+from tessera.core.interfaces.quantization import LinearMethod, QuantizationMethod
+from tessera.core.interfaces.reasoning import ReasoningParser
+from tessera.core.interfaces.tool_parser import (
+    DeltaToolCall,
+    ExtractedToolCalls,
+    ToolCall,
+    ToolParser,
+    ToolParserDelta,
+)
+from tessera.core.interfaces.weight_loader import LoadedModelFiles, WeightLoader
+
+__all__ = [
+    "AttentionBackend",
+    "AttentionMetadata",
+    "DeltaToolCall",
+    "ExtractedToolCalls",
+    "Grammar",
+    "GuidedConstraint",
+    "GuidedDecodingBackend",
+    "LinearMethod",
+    "LoadedModelFiles",
+    "ModelArchitecture",
+    "Platform",
+    "QuantizationMethod",
+    "ReasoningParser",
+    "ToolCall",
+    "ToolParser",
+    "ToolParserDelta",
+    "WeightLoader",
+]

@@ -1,0 +1,49 @@
+"""Device platforms: detection, memory, and the attention backend for one kind of device."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+
+class Platform(ABC):
+    """Registered under a `--device` name. Exactly one platform is active per engine.
+
+    `--device auto` asks every registered platform `is_available()` and picks the available one
+    with the highest `priority`; the CPU platform is always available.
+    """
+
+    name: str = "abstract"
+    device_type: str = "cpu"  # the torch device type
+    priority: int = 0
+
+    @classmethod
+    @abstractmethod
+    def is_available(cls) -> bool:
+        """Called by `--device auto` and before activation: can this process use the device?"""
+
+    @abstractmethod
+    def torch_device(self) -> Any:
+        """Called at start-up: the torch.device tensors live on."""
+
+    @abstractmethod
+    def resolve_dtype(self, requested: str, model_dtype: Any) -> Any:
+        """Called at start-up: the torch dtype for `--dtype` (auto|half|float16|bfloat16|float|float32)
+        given the checkpoint's dtype; raises ConfigError for one the device cannot run."""
+
+    @abstractmethod
+    def kv_cache_memory_bytes(self, cache_config: Any) -> int:
+        """Called at start-up, after the model is loaded: bytes the KV cache may use."""
+
+    @abstractmethod
+    def make_attention_backend(self) -> Any:
+        """Called at start-up: an AttentionBackend for this device."""
+
+    def set_seed(self, seed: int) -> None:
+        """Called at start-up with `--seed`."""
+        import torch
+
+        torch.manual_seed(seed)
+
+    def synchronize(self) -> None:
+        """Called where host code must wait for the device (timing, tests)."""
