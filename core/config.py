@@ -186,3 +186,32 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     plugin_modules: tuple[str, ...] = ()  # --plugin: extra modules to load in every process
+
+
+_SECTIONS = {
+    "model": ModelConfig,
+    "load": LoadConfig,
+    "cache": CacheConfig,
+    "scheduler": SchedulerConfig,
+    "parallel": ParallelConfig,
+    "device": DeviceConfig,
+}
+
+
+def engine_config_from_kwargs(model: str | None = None, **kwargs: Any) -> EngineConfig:
+    """Build an EngineConfig from flat keyword arguments named like the config fields
+    (`dtype=`, `block_size=`, `max_num_seqs=`, ...); an unknown name is a ConfigError."""
+    from dataclasses import fields
+
+    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    sections["model"]["model"] = model
+    plugin_modules = tuple(kwargs.pop("plugin_modules", ()))
+    for key, value in kwargs.items():
+        owner = next((s for s, cls in _SECTIONS.items() if key in {f.name for f in fields(cls)}), None)
+        if owner is None:
+            raise ConfigError(f"unknown engine option {key!r}", param=key)
+        sections[owner][key] = value
+    if "max_model_len" in sections["model"]:
+        sections["scheduler"].setdefault("max_model_len", sections["model"]["max_model_len"])
+    built = {name: _SECTIONS[name](**values) for name, values in sections.items()}
+    return EngineConfig(**built, plugin_modules=plugin_modules)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import logging
-import types
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -1,7 +1,7 @@
 """The abstract interface of every plugin kind; each method says when the core calls it."""
 
 from tessera.core.interfaces.attention import AttentionBackend, AttentionMetadata
-from tessera.core.interfaces.guided import GuidedDecodingBackend, Grammar, GuidedConstraint
+from tessera.core.interfaces.guided import Grammar, GuidedConstraint, GuidedDecodingBackend
 from tessera.core.interfaces.model import ModelArchitecture
 from tessera.core.interfaces.platform import Platform
 from tessera.core.interfaces.quantization import LinearMethod, QuantizationMethod

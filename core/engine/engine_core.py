@@ -1,0 +1,123 @@
+"""The engine core: owns scheduler, KV cache and model runner, and runs one step at a time."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+from tessera.core.config import EngineConfig
+from tessera.core.engine.client import EngineStats, ModelInfo
+from tessera.core.engine.input_processor import EngineCoreRequest
+from tessera.core.engine.kv_cache import KVCacheManager
+from tessera.core.engine.request import Request, RequestStatus
+from tessera.core.engine.scheduler import Scheduler
+from tessera.core.engine.types import EngineCoreOutput
+from tessera.core.plugins import PluginSet, get_plugins
+
+logger = logging.getLogger(__name__)
+
+_STALL_SECONDS = 120.0  # pending work with no finished step for this long = stuck
+
+
+class EngineCore:
+    """Loads the model, sizes the KV cache, and steps: schedule -> execute -> update."""
+
+    def __init__(self, config: EngineConfig, plugins: PluginSet | None = None) -> None:
+        from tessera.core.worker.model_loader import load_model, select_platform
+        from tessera.core.worker.model_runner import ModelRunner
+
+        plugins = plugins or get_plugins()
+        self.config = config
+        self.platform = select_platform(config.device, plugins)
+        self.platform.set_seed(config.model.seed)
+        loaded = load_model(config.model, config.load, self.platform, plugins)
+        self.loaded = loaded
+        num_blocks, num_swap_blocks = self._size_kv_cache(loaded)
+        scheduler_config = self._scheduler_config(loaded.max_model_len)
+        self.kv_cache_manager = KVCacheManager(config.cache, num_blocks, num_swap_blocks)
+        self.scheduler = Scheduler(scheduler_config, self.kv_cache_manager)
+        self.runner = ModelRunner(loaded, config.cache.block_size, num_blocks, num_swap_blocks)
+        self.model_info = ModelInfo(
+            model_path=loaded.model_path,
+            max_model_len=loaded.max_model_len,
+            vocab_size=loaded.vocab_size,
+            tokenizer=loaded.tokenizer,
+            chat_template=loaded.chat_template,
+            eos_token_ids=tuple(loaded.eos_token_ids),
+            dtype=str(loaded.dtype).removeprefix("torch."),
+        )
+        self.num_steps = 0
+        self.last_step_time = time.monotonic()
+        logger.info(
+            "engine ready: %s, %d KV blocks of %d tokens (%d swap blocks), max_model_len %d",
+            loaded.model_path, num_blocks, config.cache.block_size, num_swap_blocks, loaded.max_model_len,
+        )
+
+    def _size_kv_cache(self, loaded) -> tuple[int, int]:
+        cache = self.config.cache
+        num_layers, num_kv_heads, head_dim = loaded.model.kv_cache_spec()
+        element_size = loaded.dtype.itemsize if hasattr(loaded.dtype, "itemsize") else 4
+        bytes_per_block = 2 * num_layers * cache.block_size * num_kv_heads * head_dim * element_size
+        if cache.num_blocks_override is not None:
+            num_blocks = cache.num_blocks_override
+        else:
+            num_blocks = max(1, self.platform.kv_cache_memory_bytes(cache) // bytes_per_block)
+        num_swap_blocks = 0
+        if self.config.scheduler.preemption_mode == "swap":
+            num_swap_blocks = int(cache.swap_space_gib * (1 << 30)) // bytes_per_block
+        return int(num_blocks), num_swap_blocks
+
+    def _scheduler_config(self, max_model_len: int):
+        sched = self.config.scheduler
+        changes: dict = {"max_model_len": max_model_len}
+        if not sched.enable_chunked_prefill and sched.max_num_batched_tokens < max_model_len:
+            changes["max_num_batched_tokens"] = max_model_len
+        return dataclasses.replace(sched, **changes)
+
+    # -- requests -----------------------------------------------------------------------------
+    def add_request(self, request: EngineCoreRequest) -> None:
+        self.scheduler.add_request(
+            Request(
+                request_id=request.request_id,
+                prompt_token_ids=list(request.prompt_token_ids),
+                sampling_params=request.sampling_params,
+                arrival_time=request.arrival_time,
+                max_tokens=request.max_tokens,
+            )
+        )
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        self.scheduler.abort_requests(request_ids)
+
+    def finish_requests(self, request_ids: list[str]) -> None:
+        """Finish requests the frontend stopped (a stop string matched)."""
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_STOPPED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # -- stepping -----------------------------------------------------------------------------
+    def step(self) -> list[EngineCoreOutput]:
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self.runner.execute(scheduler_output)
+        outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        self.num_steps += 1
+        self.last_step_time = time.monotonic()
+        return outputs
+
+    def stats(self) -> EngineStats:
+        kv = self.kv_cache_manager
+        pending = self.scheduler.has_unfinished_requests()
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            num_blocks=kv.num_blocks,
+            num_used_blocks=kv.num_used_blocks,
+            kv_cache_usage=kv.usage,
+            prefix_cache_queries=kv.num_prefix_queries,
+            prefix_cache_hits=kv.num_prefix_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            is_making_progress=not pending or time.monotonic() - self.last_step_time < _STALL_SECONDS,
+            num_steps=self.num_steps,
+        )
