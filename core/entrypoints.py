@@ -13,6 +13,7 @@ from tessera.core.config import engine_config_from_kwargs
 from tessera.core.engine.engine_core import EngineCore
 from tessera.core.engine.input_processor import InputProcessor
 from tessera.core.engine.output_processor import OutputProcessor, child_request_ids
+from tessera.core.errors import InvalidRequestError
 from tessera.core.outputs import RequestOutput
 from tessera.core.sampling_params import SamplingParams
 
@@ -99,7 +100,9 @@ class LLM:
             stream_deltas=False, wants_logprobs=params.logprobs is not None,
         )
         for core_request in core_requests:
-            self.engine.add_request(core_request)
+            refused = self.engine.add_request(core_request)
+            if refused is not None:
+                raise InvalidRequestError(str(refused.stop_reason), param="prompt")
         return request_id
 
     def _run(self, output_processor: OutputProcessor, total: int, use_tqdm: bool) -> dict[str, RequestOutput]:

@@ -28,12 +28,14 @@ OutputHandler = Callable[[list[EngineCoreOutput], EngineStats], None]
 Command = tuple[str, Any]
 
 
-def _apply_command(core: Any, command: Command) -> bool:
-    """Apply one command to an EngineCore; False on shutdown."""
+def _apply_command(core: Any, command: Command, refused: list[EngineCoreOutput]) -> bool:
+    """Apply one command to an EngineCore; False on shutdown. Refused requests go to `refused`."""
     kind, payload = command
     if kind == "add":
         for request in payload:
-            core.add_request(request)
+            output = core.add_request(request)
+            if output is not None:
+                refused.append(output)
     elif kind == "abort":
         core.abort_requests(payload)
     elif kind == "finish":
@@ -51,15 +53,13 @@ def run_core_loop(core: Any, next_command: Callable[[bool], Command | None], emi
     while True:
         idle = not core.has_unfinished_requests()
         command = next_command(idle)
+        refused: list[EngineCoreOutput] = []
         while command is not None:
-            if not _apply_command(core, command):
+            if not _apply_command(core, command, refused):
                 return
             command = next_command(False)
-        if core.has_unfinished_requests():
-            outputs = core.step()
-            emit(outputs, core.stats())
-        else:
-            emit([], core.stats())
+        outputs = core.step() if core.has_unfinished_requests() else []
+        emit(refused + outputs, core.stats())
 
 
 class InprocCoreClient:

@@ -13,6 +13,7 @@ from tessera.core.engine.kv_cache import KVCacheManager
 from tessera.core.engine.request import Request, RequestStatus
 from tessera.core.engine.scheduler import Scheduler
 from tessera.core.engine.types import EngineCoreOutput
+from tessera.core.errors import ConfigError, TesseraError
 from tessera.core.plugins import PluginSet, get_plugins
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,13 @@ class EngineCore:
             num_blocks = cache.num_blocks_override
         else:
             num_blocks = max(1, self.platform.kv_cache_memory_bytes(cache) // bytes_per_block)
+        if num_blocks * cache.block_size < loaded.max_model_len:
+            raise ConfigError(
+                f"the KV cache holds {num_blocks * cache.block_size} tokens ({num_blocks} blocks), fewer "
+                f"than max_model_len ({loaded.max_model_len}): raise --kv-cache-space / "
+                "--num-gpu-blocks-override or lower --max-model-len",
+                param="max_model_len",
+            )
         num_swap_blocks = 0
         if self.config.scheduler.preemption_mode == "swap":
             num_swap_blocks = int(cache.swap_space_gib * (1 << 30)) // bytes_per_block
@@ -76,7 +84,16 @@ class EngineCore:
         return dataclasses.replace(sched, **changes)
 
     # -- requests -----------------------------------------------------------------------------
-    def add_request(self, request: EngineCoreRequest) -> None:
+    def add_request(self, request: EngineCoreRequest) -> EngineCoreOutput | None:
+        """Queue one sequence; a request the scheduler refuses comes back finished ("abort")."""
+        try:
+            self._add_request(request)
+        except TesseraError as exc:
+            logger.warning("request %s refused by the engine core: %s", request.request_id, exc)
+            return EngineCoreOutput(request.request_id, [], finish_reason="abort", stop_reason=exc.message)
+        return None
+
+    def _add_request(self, request: EngineCoreRequest) -> None:
         self.scheduler.add_request(
             Request(
                 request_id=request.request_id,
@@ -95,7 +112,8 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_STOPPED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        """True while a step has work, including telling the runner about finished requests."""
+        return self.scheduler.has_unfinished_requests() or self.scheduler.has_finished_requests()
 
     # -- stepping -----------------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
@@ -115,8 +133,8 @@ class EngineCore:
             num_blocks=kv.num_blocks,
             num_used_blocks=kv.num_used_blocks,
             kv_cache_usage=kv.usage,
-            prefix_cache_queries=kv.num_prefix_queries,
-            prefix_cache_hits=kv.num_prefix_hits,
+            prefix_cache_queries=kv.prefix_cache_queries,
+            prefix_cache_hits=kv.prefix_cache_hits,
             num_preemptions=self.scheduler.num_preemptions,
             is_making_progress=not pending or time.monotonic() - self.last_step_time < _STALL_SECONDS,
             num_steps=self.num_steps,
