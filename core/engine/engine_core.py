@@ -25,7 +25,8 @@ class EngineCore:
     """Loads the model, sizes the KV cache, and steps: schedule -> execute -> update."""
 
     def __init__(self, config: EngineConfig, plugins: PluginSet | None = None) -> None:
-        from tessera.core.worker.model_loader import load_model, select_platform
+        from tessera.core.worker.model_loader import load_model
+        from tessera.core.worker.platform_select import select_platform
         from tessera.core.worker.model_runner import ModelRunner
 
         plugins = plugins or get_plugins()
