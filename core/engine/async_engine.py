@@ -47,8 +47,8 @@ class AsyncEngine:
         self, prompt_token_ids: list[int], sampling_params: SamplingParams, request_id: str,
         prompt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        self._check_alive()
         self._loop = asyncio.get_running_loop()
+        self._check_alive()
         if request_id in self._queues:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
         if len(self._queues) >= self._max_in_flight:
@@ -68,6 +68,7 @@ class AsyncEngine:
             stream_deltas=True, wants_logprobs=params.logprobs is not None,
         )
         self._client.send(("add", core_requests))
+        self._check_alive()  # a death noticed before the queue existed failed nobody
         finished = False
         try:
             while not finished:

@@ -1,0 +1,102 @@
+"""AsyncEngine: streaming deltas, abort, bounded queue and engine death, in-process and in a child process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+from fixtures_models import save_model
+
+from tessera.core.config import engine_config_from_kwargs
+from tessera.core.engine.async_engine import AsyncEngine
+from tessera.core.errors import EngineDeadError, QueueFullError
+from tessera.core.sampling_params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return save_model(str(tmp_path_factory.mktemp("tiny-llama-async")), "llama")
+
+
+def _engine(model_dir: str, use_process: bool, **kwargs) -> AsyncEngine:
+    config = engine_config_from_kwargs(model_dir, dtype="float32", num_blocks_override=64, **kwargs)
+    return AsyncEngine(config, use_process=use_process)
+
+
+async def _collect(engine: AsyncEngine, request_id: str, params: SamplingParams, prompt=(5, 6, 7, 8)):
+    deltas = []
+    async for output in engine.generate(list(prompt), params, request_id):
+        deltas.append(output)
+    return deltas
+
+
+@pytest.mark.parametrize("use_process", [False, True], ids=["inproc", "process"])
+def test_stream_abort_and_no_leak(model_dir, use_process):
+    engine = _engine(model_dir, use_process)
+
+    async def scenario():
+        params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+        deltas = await _collect(engine, "a", params)
+        assert deltas[-1].finished
+        tokens = [t for d in deltas for t in d.outputs[0].token_ids]
+        assert len(tokens) == 10
+        # n=2 streams both choices
+        deltas = await _collect(engine, "b", SamplingParams(n=2, temperature=1.0, seed=1, max_tokens=5, ignore_eos=True))
+        assert {o.index for d in deltas for o in d.outputs} == {0, 1}
+        # a consumer that walks away mid-stream aborts its request
+        stream = engine.generate([5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True), "c")
+        await stream.__anext__()
+        await stream.aclose()
+        for _ in range(200):
+            stats = engine.stats()
+            if stats.num_used_blocks == 0 and stats.num_running == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert engine.stats().num_used_blocks == 0
+        await engine.check_health()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        asyncio.run(engine.shutdown())
+
+
+def test_full_queue_is_refused(model_dir):
+    engine = _engine(model_dir, False, max_num_seqs=1, max_waiting_requests=1)
+
+    async def scenario():
+        params = SamplingParams(max_tokens=50, ignore_eos=True)
+        first = engine.generate([5, 6], params, "1")
+        second = engine.generate([5, 6], params, "2")
+        await first.__anext__()
+        await second.__anext__()
+        with pytest.raises(QueueFullError):
+            await engine.generate([5, 6], params, "3").__anext__()
+        await first.aclose()
+        await second.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        asyncio.run(engine.shutdown())
+
+
+def test_engine_process_death_is_reported(model_dir):
+    engine = _engine(model_dir, True)
+
+    async def scenario():
+        os.kill(engine._client._process.pid, signal.SIGKILL)
+        stream = engine.generate([5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True), "x")
+        with pytest.raises(EngineDeadError):
+            async for _ in stream:
+                pass
+        assert not engine.is_running
+        with pytest.raises(EngineDeadError):
+            await engine.check_health()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        asyncio.run(engine.shutdown())
