@@ -1,3 +1,10 @@
-"""Entry-point module of this built-in plugin: its hookimpls register its implementations."""
+"""Entry-point module of the CPU platform plugin: registers the "cpu" device."""
 
-from tessera.core.hookspecs import hookimpl  # noqa: F401
+from __future__ import annotations
+
+from tessera.core.hookspecs import Register, hookimpl
+
+
+@hookimpl
+def tessera_register_platforms(register: Register) -> None:
+    register("cpu", "tessera.backends.cpu.platform:CpuPlatform")

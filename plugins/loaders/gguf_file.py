@@ -1,0 +1,120 @@
+"""A small, fast GGUF reader: metadata, tensor table, and tensors dequantized to numpy float32.
+
+gguf-py's GGUFReader builds a Python object per array element (seconds for a 49k-token
+vocabulary); this reader decodes the header with `struct` in one pass and memory-maps the data.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+GGUF_MAGIC = b"GGUF"
+_SCALARS = {  # GGUF value type -> struct format
+    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d",
+}
+_STRING, _ARRAY = 8, 9
+_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
+          7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_PLAIN_TYPES = {0: np.float32, 1: np.float16, 24: np.int8, 25: np.int16, 26: np.int32, 27: np.int64, 28: np.float64}
+BF16 = 30
+
+
+@dataclass(frozen=True)
+class GgufTensorInfo:
+    name: str
+    shape: tuple[int, ...]  # in PyTorch order (outermost first), i.e. GGUF's dims reversed
+    ggml_type: int
+    offset: int  # absolute byte offset in the file
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.ggml_type not in _PLAIN_TYPES and self.ggml_type != BF16
+
+
+class GgufFile:
+    """The parsed header of a GGUF file plus a read-only memory map of its data."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.data = np.memmap(path, mode="r")
+        buf = self.data
+        if bytes(buf[:4]) != GGUF_MAGIC:
+            raise ValueError(f"{path} is not a GGUF file (bad magic)")
+        self.version, num_tensors, num_kv = struct.unpack_from("<IQQ", buf, 4)
+        if self.version < 2:
+            raise ValueError(f"{path}: GGUF version {self.version} is too old (need >= 2)")
+        self._pos = 24
+        self.metadata: dict[str, Any] = {}
+        for _ in range(num_kv):
+            key = self._read_string()
+            (value_type,) = self._unpack("<I")
+            self.metadata[key] = self._read_value(value_type)
+        infos = []
+        for _ in range(num_tensors):
+            name = self._read_string()
+            (num_dims,) = self._unpack("<I")
+            dims = struct.unpack_from(f"<{num_dims}Q", buf, self._pos)
+            self._pos += 8 * num_dims
+            ggml_type, offset = self._unpack("<IQ")
+            infos.append((name, tuple(reversed(dims)), ggml_type, offset))
+        alignment = int(self.metadata.get("general.alignment", 32))
+        data_start = -(-self._pos // alignment) * alignment
+        self.tensors = {name: GgufTensorInfo(name, shape, t, data_start + off) for name, shape, t, off in infos}
+
+    def _unpack(self, fmt: str) -> tuple[Any, ...]:
+        values = struct.unpack_from(fmt, self.data, self._pos)
+        self._pos += struct.calcsize(fmt)
+        return values
+
+    def _read_string(self) -> str:
+        (length,) = struct.unpack_from("<Q", self.data, self._pos)
+        start = self._pos + 8
+        self._pos = start + length
+        return bytes(self.data[start : self._pos]).decode("utf-8", errors="replace")
+
+    def _read_value(self, value_type: int) -> Any:
+        if value_type == _STRING:
+            return self._read_string()
+        if value_type == _ARRAY:
+            item_type, count = self._unpack("<IQ")
+            if item_type in _NUMPY:  # numeric arrays in one go
+                dtype = np.dtype(_NUMPY[item_type])
+                values = np.frombuffer(self.data, dtype=dtype, count=count, offset=self._pos)
+                self._pos += dtype.itemsize * count
+                return values.tolist()
+            return [self._read_value(item_type) for _ in range(count)]
+        if value_type not in _SCALARS:
+            raise ValueError(f"{self.path}: unknown GGUF value type {value_type}")
+        (value,) = self._unpack(_SCALARS[value_type])
+        return value
+
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture", ""))
+
+    def arch_value(self, key: str, default: Any = None) -> Any:
+        """The value of `<architecture>.<key>` (e.g. "block_count")."""
+        return self.metadata.get(f"{self.architecture()}.{key}", default)
+
+    def load_tensor(self, info: GgufTensorInfo) -> np.ndarray:
+        """The tensor as a numpy array of info.shape: plain types as stored, bf16 as float32,
+        quantized types dequantized to float32."""
+        num_elements = int(np.prod(info.shape)) if info.shape else 1
+        if info.ggml_type in _PLAIN_TYPES:
+            dtype = np.dtype(_PLAIN_TYPES[info.ggml_type])
+            return np.frombuffer(self.data, dtype=dtype, count=num_elements, offset=info.offset).reshape(info.shape)
+        if info.ggml_type == BF16:
+            raw = np.frombuffer(self.data, dtype=np.uint16, count=num_elements, offset=info.offset)
+            return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info.shape)
+        import gguf
+
+        qtype = gguf.GGMLQuantizationType(info.ggml_type)
+        block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        row_len = info.shape[-1]
+        num_rows = num_elements // row_len
+        row_bytes = row_len // block_size * type_size
+        raw = np.frombuffer(self.data, dtype=np.uint8, count=num_rows * row_bytes, offset=info.offset)
+        return gguf.quants.dequantize(raw.reshape(num_rows, row_bytes), qtype).reshape(info.shape)
