@@ -1,0 +1,1 @@
+"""Built-in tool-call parsers (hermes, mistral, llama3_json, pythonic, qwen) and their shared streaming engine."""
