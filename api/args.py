@@ -25,6 +25,7 @@ from tessera.api.serve_flags import (
 )
 from tessera.core.config import (
     CacheConfig,
+    DecodingConfig,
     DeviceConfig,
     EngineConfig,
     LoadConfig,
@@ -355,5 +356,6 @@ def engine_config_from_args(ns: argparse.Namespace) -> EngineConfig:
             distributed_executor_backend=ns.distributed_executor_backend,
         ),
         device=DeviceConfig(device=ns.device),
+        decoding=DecodingConfig(guided_decoding_backend=ns.guided_decoding_backend),
         plugin_modules=tuple(ns.plugin),
     )

@@ -37,7 +37,7 @@ class RegistryFlag:
 
 REGISTRY_FLAGS: dict[str, RegistryFlag] = {
     "--tool-call-parser": RegistryFlag("tool_parser", TOOL_PARSER_NAMES),
-    "--guided-decoding-backend": RegistryFlag("guided_decoding_backend", GUIDED_BACKEND_NAMES),
+    "--guided-decoding-backend": RegistryFlag("guided_decoding_backend", GUIDED_BACKEND_NAMES, ("auto",)),
     "--quantization": RegistryFlag("quantization_method", QUANTIZATION_NAMES, ("None",)),
     "--speculative-model-quantization": RegistryFlag(
         "quantization_method", QUANTIZATION_NAMES, ("None",)
@@ -515,11 +515,12 @@ def _add_scheduler_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--guided-decoding-backend",
-        default="outlines",
+        default="auto",
         metavar="NAME",
         help=_registry_help(
             "--guided-decoding-backend",
-            "Default guided-decoding backend (requests may choose another).",
+            "Default guided-decoding backend (requests may choose another). tessera's default is "
+            "'auto': the fastest installed backend that can express the constraint (vLLM: outlines).",
         ),
     )
 

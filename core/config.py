@@ -176,6 +176,13 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True)
+class DecodingConfig:
+    # the server's default guided-decoding backend; "auto" = the fastest that can express the
+    # constraint. A request's guided_decoding_backend overrides it.
+    guided_decoding_backend: str = "auto"
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs; each component receives only its own part."""
 
@@ -185,6 +192,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
     plugin_modules: tuple[str, ...] = ()  # --plugin: extra modules to load in every process
 
 
@@ -195,6 +203,7 @@ _SECTIONS = {
     "scheduler": SchedulerConfig,
     "parallel": ParallelConfig,
     "device": DeviceConfig,
+    "decoding": DecodingConfig,
 }
 
 

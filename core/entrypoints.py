@@ -29,7 +29,10 @@ class LLM:
         self.config = engine_config_from_kwargs(model, **kwargs)
         self.engine = EngineCore(self.config)
         self.model_info = self.engine.model_info
-        self.input_processor = InputProcessor(self.model_info, self.config.model.max_logprobs)
+        guided = self.engine.guided
+        self.input_processor = InputProcessor(
+            self.model_info, self.config.model.max_logprobs, guided.validate if guided else None
+        )
         self._ids = itertools.count()
 
     def get_tokenizer(self) -> Any:

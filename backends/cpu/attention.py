@@ -15,6 +15,23 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, **kwa
     return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=k.shape[-3] != q.shape[-3], **kwargs)
 
 
+def _decode_matmul(
+    query: torch.Tensor,  # (num_reqs, num_heads, head_dim)
+    keys: torch.Tensor,  # (num_reqs, num_kv_heads, max_seq_len, head_dim)
+    values: torch.Tensor,
+    mask: torch.Tensor,  # (num_reqs, 1, 1, max_seq_len) bool
+    scale: float,
+) -> torch.Tensor:  # (num_reqs, num_heads, head_dim)
+    """One-query attention as two grouped matmuls with a float32 softmax. torch's CPU flash
+    kernel is ~6x slower than this for a single bf16 query (measured, torch 2.13)."""
+    num_reqs, num_heads, head_dim = query.shape
+    num_kv_heads = keys.shape[1]
+    q = query.view(num_reqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = (q @ keys.transpose(-1, -2)).float() * scale  # (num_reqs, num_kv_heads, group, max_seq_len)
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(values.dtype)
+    return (probs @ values).view(num_reqs, num_heads, head_dim)
+
+
 class CpuAttentionBackend(AttentionBackend):
     """Batched attention without per-request Python loops.
 
@@ -23,7 +40,8 @@ class CpuAttentionBackend(AttentionBackend):
       step's own K/V, no gather;
     - otherwise: gather every request's cached K/V through its block table into a padded
       (num_reqs, max_seq_len) tensor, pad the queries to (num_reqs, max_query_len), and run one
-      SDPA with a boolean causal + length mask. Decode-only steps skip the query padding.
+      SDPA with a boolean causal + length mask. Decode-only steps skip the query padding, and in
+      bf16/fp16 use two grouped matmuls instead of SDPA.
     """
 
     name = "cpu"
@@ -55,9 +73,10 @@ class CpuAttentionBackend(AttentionBackend):
 
         keys, values = self._gather(kv_cache, metadata)  # (num_reqs, num_kv_heads, max_seq_len, head_dim)
         if metadata.is_decode_only:
-            q = query.unsqueeze(2)  # (num_reqs, num_heads, 1, head_dim)
-            mask = self._mask(metadata, 1, keys.shape[2], query.device)
-            return _sdpa(q, keys, values, scale, attn_mask=mask).squeeze(2)
+            mask = self._mask(metadata, 1, keys.shape[2], query.device)  # (num_reqs, 1, 1, max_seq_len)
+            if query.dtype == torch.float32:
+                return _sdpa(query.unsqueeze(2), keys, values, scale, attn_mask=mask).squeeze(2)
+            return _decode_matmul(query, keys, values, mask, scale)
 
         req_idx, local_idx = self._token_coords(metadata, query.device)
         q = query.new_zeros(len(metadata.seq_lens_cpu), metadata.max_query_len, *query.shape[1:])

@@ -35,6 +35,8 @@ class AsyncEngine:
         self._client = client_cls(config, self._on_outputs_threadsafe, self._on_dead_threadsafe)
         self.model_info: ModelInfo = self._client.model_info
         self._stats: EngineStats = self._client.initial_stats
+        if guided_validator is None:
+            guided_validator = _frontend_guided_validator(config, self.model_info)
         self.input_processor = InputProcessor(self.model_info, config.model.max_logprobs, guided_validator)
         self.output_processor = OutputProcessor(self.model_info.tokenizer)
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
@@ -150,3 +152,17 @@ class AsyncEngine:
     def _fail_all(self, error: BaseException) -> None:
         for queue in self._queues.values():
             queue.put_nowait(error)
+
+
+def _frontend_guided_validator(config: EngineConfig, model_info: ModelInfo):
+    """Checks constraints in the API process, so a bad one is a 400 before it is queued."""
+    from tessera.core.engine.structured_output import StructuredOutputManager
+    from tessera.core.plugins import get_plugins
+
+    registry = get_plugins().guided_decoding_backends
+    if model_info.tokenizer is None or not registry.names():
+        return None
+    manager = StructuredOutputManager(
+        registry, model_info.tokenizer, model_info.vocab_size, config.decoding.guided_decoding_backend
+    )
+    return manager.validate

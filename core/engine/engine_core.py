@@ -8,12 +8,13 @@ import time
 
 from tessera.core.config import EngineConfig
 from tessera.core.engine.client import EngineStats, ModelInfo
+from tessera.core.engine.guided_requests import GuidedRequests
 from tessera.core.engine.input_processor import EngineCoreRequest
 from tessera.core.engine.kv_cache import KVCacheManager
 from tessera.core.engine.request import Request, RequestStatus
 from tessera.core.engine.scheduler import Scheduler
 from tessera.core.engine.types import EngineCoreOutput
-from tessera.core.errors import ConfigError, TesseraError
+from tessera.core.errors import ConfigError, InvalidRequestError, TesseraError
 from tessera.core.plugins import PluginSet, get_plugins
 
 logger = logging.getLogger(__name__)
@@ -26,8 +27,8 @@ class EngineCore:
 
     def __init__(self, config: EngineConfig, plugins: PluginSet | None = None) -> None:
         from tessera.core.worker.model_loader import load_model
-        from tessera.core.worker.platform_select import select_platform
         from tessera.core.worker.model_runner import ModelRunner
+        from tessera.core.worker.platform_select import select_platform
 
         plugins = plugins or get_plugins()
         self.config = config
@@ -49,6 +50,7 @@ class EngineCore:
             eos_token_ids=tuple(loaded.eos_token_ids),
             dtype=str(loaded.dtype).removeprefix("torch."),
         )
+        self.guided = GuidedRequests.create(config.decoding, plugins, loaded.tokenizer, loaded.vocab_size)
         self.num_steps = 0
         self.last_step_time = time.monotonic()
         logger.info(
@@ -95,6 +97,14 @@ class EngineCore:
         return None
 
     def _add_request(self, request: EngineCoreRequest) -> None:
+        if request.sampling_params.guided is not None:
+            if self.guided is None:
+                raise InvalidRequestError("no guided-decoding backend is installed", param="guided_decoding_backend")
+            self.guided.submit(request)  # reaches the scheduler once its grammar is compiled
+            return
+        self._schedule_request(request)
+
+    def _schedule_request(self, request: EngineCoreRequest) -> None:
         self.scheduler.add_request(
             Request(
                 request_id=request.request_id,
@@ -107,20 +117,42 @@ class EngineCore:
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.scheduler.abort_requests(request_ids)
+        if self.guided is not None:
+            self.guided.remove(request_ids)
 
     def finish_requests(self, request_ids: list[str]) -> None:
         """Finish requests the frontend stopped (a stop string matched)."""
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_STOPPED)
+        if self.guided is not None:
+            self.guided.remove(request_ids)
 
     def has_unfinished_requests(self) -> bool:
         """True while a step has work, including telling the runner about finished requests."""
-        return self.scheduler.has_unfinished_requests() or self.scheduler.has_finished_requests()
+        return (
+            self.scheduler.has_unfinished_requests()
+            or self.scheduler.has_finished_requests()
+            or (self.guided is not None and self.guided.has_pending())
+        )
 
     # -- stepping -----------------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
+        outputs: list[EngineCoreOutput] = []
+        if self.guided is not None:
+            ready, failed = self.guided.take_compiled()
+            for request in ready:
+                self._schedule_request(request)
+            outputs += failed
         scheduler_output = self.scheduler.schedule()
+        if self.guided is not None:
+            scheduler_output = self.guided.add_bitmask(scheduler_output, self.scheduler)
+            if scheduler_output.is_empty and self.guided.has_pending():
+                time.sleep(0.001)  # only compiles are pending: don't spin
         runner_output = self.runner.execute(scheduler_output)
-        outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        outputs += self.scheduler.update_from_output(scheduler_output, runner_output)
+        if self.guided is not None:
+            broken = self.guided.advance(outputs)
+            if broken:
+                self.scheduler.finish_requests(broken, RequestStatus.FINISHED_ABORTED)
         self.num_steps += 1
         self.last_step_time = time.monotonic()
         return outputs

@@ -124,6 +124,9 @@ class RotaryEmbedding(nn.Module):
         return q.view_as(query), k.view_as(key)
 
 
+_SHARED: dict[tuple[Any, ...], RotaryEmbedding] = {}
+
+
 def get_rope(
     head_dim: int,
     max_position: int,
@@ -132,5 +135,9 @@ def get_rope(
     device: Any = None,
     rotary_dim: int | None = None,
 ) -> RotaryEmbedding:
-    """A RotaryEmbedding for settings from `rope_parameters(hf_config)`."""
-    return RotaryEmbedding(head_dim, rotary_dim or head_dim, max_position, params, dtype, device)
+    """A RotaryEmbedding for settings from `rope_parameters(hf_config)`. Layers with equal
+    settings share one instance (its cos/sin tables are the same and cost time and memory)."""
+    key = (head_dim, rotary_dim, max_position, repr(sorted(params.items())), dtype, str(device))
+    if key not in _SHARED:
+        _SHARED[key] = RotaryEmbedding(head_dim, rotary_dim or head_dim, max_position, params, dtype, device)
+    return _SHARED[key]

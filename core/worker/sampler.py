@@ -38,15 +38,25 @@ class SamplingBatch:
     logprob_rows: list[tuple[int, int]]  # (row, num top logprobs) for rows that want them
 
 
-def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
-    """Set logits of tokens whose bit is 0 to -inf, for the given rows. In place."""
+def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, row_indices: list[int] | None = None) -> None:
+    """In place: logits of disallowed tokens become -inf. Bitmask row i masks logits row
+    row_indices[i] (all rows in order when None). Tokens past the mask's width are disallowed."""
     vocab_size = logits.shape[-1]
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    # (num_rows, words, 32) -> (num_rows, words * 32)
-    bits = (bitmask.unsqueeze(-1) >> shifts) & 1
-    allowed = bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
-    row_index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-    logits[row_index] = logits[row_index].masked_fill(~allowed, float("-inf"))
+    num_rows, words = bitmask.shape
+    bitmask = bitmask.to(logits.device, non_blocking=True)
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    # (rows, words, 32) -> (rows, words * 32): bit b of word w is token 32 * w + b
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(num_rows, words * 32).bool()
+    if words * 32 >= vocab_size:
+        allowed = allowed[:, :vocab_size]
+    else:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab_size - words * 32), value=False)
+    if row_indices is None:
+        assert num_rows == logits.shape[0]
+        logits.masked_fill_(~allowed, float("-inf"))
+        return
+    index = torch.as_tensor(row_indices, dtype=torch.long, device=logits.device)
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
 
 
 def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -6,6 +6,7 @@ vocabulary); this reader decodes the header with `struct` in one pass and memory
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -40,9 +41,12 @@ class GgufFile:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.data = np.memmap(path, mode="r")
-        buf = self.data
-        if bytes(buf[:4]) != GGUF_MAGIC:
+        with open(path, "rb") as f:
+            # mmap slices are bytes (fast to decode); numpy views of it serve the tensors.
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.data = np.frombuffer(self._map, dtype=np.uint8)
+        buf = self._map
+        if buf[:4] != GGUF_MAGIC:
             raise ValueError(f"{path} is not a GGUF file (bad magic)")
         self.version, num_tensors, num_kv = struct.unpack_from("<IQQ", buf, 4)
         if self.version < 2:
@@ -66,15 +70,15 @@ class GgufFile:
         self.tensors = {name: GgufTensorInfo(name, shape, t, data_start + off) for name, shape, t, off in infos}
 
     def _unpack(self, fmt: str) -> tuple[Any, ...]:
-        values = struct.unpack_from(fmt, self.data, self._pos)
+        values = struct.unpack_from(fmt, self._map, self._pos)
         self._pos += struct.calcsize(fmt)
         return values
 
     def _read_string(self) -> str:
-        (length,) = struct.unpack_from("<Q", self.data, self._pos)
+        (length,) = struct.unpack_from("<Q", self._map, self._pos)
         start = self._pos + 8
         self._pos = start + length
-        return bytes(self.data[start : self._pos]).decode("utf-8", errors="replace")
+        return self._map[start : self._pos].decode("utf-8", errors="replace")
 
     def _read_value(self, value_type: int) -> Any:
         if value_type == _STRING:
@@ -113,8 +117,33 @@ class GgufFile:
 
         qtype = gguf.GGMLQuantizationType(info.ggml_type)
         block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
-        row_len = info.shape[-1]
-        num_rows = num_elements // row_len
-        row_bytes = row_len // block_size * type_size
-        raw = np.frombuffer(self.data, dtype=np.uint8, count=num_rows * row_bytes, offset=info.offset)
-        return gguf.quants.dequantize(raw.reshape(num_rows, row_bytes), qtype).reshape(info.shape)
+        num_blocks = num_elements // block_size
+        raw = np.frombuffer(self.data, dtype=np.uint8, count=num_blocks * type_size, offset=info.offset)
+        blocks = raw.reshape(num_blocks, type_size)
+        if info.ggml_type in _FAST_DEQUANT:
+            return _FAST_DEQUANT[info.ggml_type](blocks).reshape(info.shape)
+        return gguf.quants.dequantize(blocks, qtype).reshape(info.shape)
+
+
+def _scales(blocks: np.ndarray, start: int) -> np.ndarray:  # (num_blocks, 1) float32 from an f16 field
+    return blocks[:, start : start + 2].copy().view(np.float16).astype(np.float32)
+
+
+def _nibbles(packed: np.ndarray) -> np.ndarray:  # (num_blocks, 16) bytes -> (num_blocks, 32) float32
+    return np.concatenate([packed & 0x0F, packed >> 4], axis=1).astype(np.float32)
+
+
+def _dequant_q4_0(blocks: np.ndarray) -> np.ndarray:
+    return _scales(blocks, 0) * (_nibbles(blocks[:, 2:]) - 8)
+
+
+def _dequant_q4_1(blocks: np.ndarray) -> np.ndarray:
+    return _scales(blocks, 0) * _nibbles(blocks[:, 4:]) + _scales(blocks, 2)
+
+
+def _dequant_q8_0(blocks: np.ndarray) -> np.ndarray:
+    return _scales(blocks, 0) * blocks[:, 2:].view(np.int8).astype(np.float32)
+
+
+# Block-wise numpy for the common simple types (gguf-py loops over row groups in Python).
+_FAST_DEQUANT = {2: _dequant_q4_0, 3: _dequant_q4_1, 8: _dequant_q8_0}
