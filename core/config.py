@@ -111,8 +111,11 @@ class CacheConfig:
     block_size: int = 16
     enable_prefix_caching: bool = True
     num_blocks_override: int | None = None  # --num-gpu-blocks-override
-    kv_cache_space_gib: float | None = None  # CPU budget; None: env var, else a fraction of free RAM
-    kv_cache_memory_fraction: float = 0.25  # of available RAM when no budget is given
+    kv_cache_space_gib: float | None = None  # CPU budget; None: env var, else the default below
+    # with no budget: this fraction of available RAM, capped at kv_cache_default_max_gib
+    # (1 GiB holds ~45k tokens of SmolLM2 in bf16 and keeps the default server small)
+    kv_cache_memory_fraction: float = 0.25
+    kv_cache_default_max_gib: float = 1.0
     swap_space_gib: float = 4.0
     gpu_memory_utilization: float = 0.9
     kv_cache_dtype: str = "auto"

@@ -79,7 +79,8 @@ class CpuPlatform(Platform):
             gib = cpu_kvcache_space_gib_from_env()
         if gib is not None:
             return int(gib * _GIB)
-        return int(available_memory_bytes() * cache_config.kv_cache_memory_fraction)
+        fraction_of_free = available_memory_bytes() * cache_config.kv_cache_memory_fraction
+        return int(min(fraction_of_free, cache_config.kv_cache_default_max_gib * _GIB))
 
     def make_attention_backend(self) -> Any:
         from tessera.backends.cpu.attention import CpuAttentionBackend
