@@ -290,7 +290,7 @@ def name_guided_param(exc: BaseException, param: str | None) -> None:
     """An engine rejection of a constraint names the request parameter that carried it."""
     if param is None or not isinstance(exc, InvalidRequestError):
         return
-    if exc.param in (None, "guided", "guided_decoding", "guided_decoding_backend"):
+    if exc.param in (None, "guided", "guided_decoding"):  # a backend error keeps its own name
         exc.param = param
         if param not in exc.message:
             exc.message = f"{param}: {exc.message}"

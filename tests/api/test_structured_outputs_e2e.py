@@ -141,8 +141,8 @@ def test_small_budget_ends_with_length(client, backend):
     ({"guided_regex": "(unclosed"}, "guided_regex", ""),
     ({"guided_choice": []}, "guided_choice", ""),
     ({"guided_choice": CHOICES, "guided_regex": REGEX}, "guided_choice", "guided_regex, guided_choice"),
-    ({"guided_grammar": GRAMMAR, "guided_decoding_backend": "outlines"}, "guided_grammar", "grammar"),
-    ({"guided_choice": CHOICES, "guided_decoding_backend": "nope"}, "guided_choice",
+    ({"guided_grammar": GRAMMAR, "guided_decoding_backend": "outlines"}, "guided_decoding_backend", "grammar"),
+    ({"guided_choice": CHOICES, "guided_decoding_backend": "nope"}, "guided_decoding_backend",
      "unknown guided_decoding_backend 'nope'"),
 ])
 def test_bad_constraints_are_400_naming_the_param(client, extra, param, words):
