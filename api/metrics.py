@@ -142,3 +142,33 @@ class RequestTracker:
             if per_choice > 1 and self.last_token_at is not None:
                 m.tpot.observe((self.last_token_at - self.first_token_at) / (per_choice - 1))
         m.e2e.observe(time.monotonic() - self.arrival)
+
+
+class StatsLogger:
+    """The periodic one-line engine summary vLLM prints (turned off by --disable-log-stats)."""
+
+    def __init__(self, engine: Any, metrics: ServerMetrics) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self._last: tuple[float, float, float] | None = None
+
+    def _totals(self) -> tuple[float, float]:
+        labels = {"model_name": self.metrics.model_name}
+        get = self.metrics.registry.get_sample_value
+        return (get("vllm:prompt_tokens_total", labels) or 0.0, get("vllm:generation_tokens_total", labels) or 0.0)
+
+    def line(self, now: float) -> str | None:
+        """The summary since the previous call (None on the first call, which sets the baseline)."""
+        prompt, generated = self._totals()
+        last, self._last = self._last, (now, prompt, generated)
+        if last is None or now <= last[0]:
+            return None
+        elapsed = now - last[0]
+        stats = self.engine.stats()
+        return (
+            f"prompt throughput: {(prompt - last[1]) / elapsed:.1f} tokens/s, "
+            f"generation throughput: {(generated - last[2]) / elapsed:.1f} tokens/s, "
+            f"running: {stats.num_running} reqs, waiting: {stats.num_waiting} reqs, "
+            f"KV cache usage: {100 * stats.kv_cache_usage:.1f}%, "
+            f"prefix cache hit rate: {100 * stats.prefix_cache_hits / max(stats.prefix_cache_queries, 1):.1f}%"
+        )

@@ -683,7 +683,7 @@ def _add_speculative_args(parser: argparse.ArgumentParser) -> None:
 def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("logging and tracing")
     group.add_argument(
-        "--disable-log-stats", action="store_true", help="Do not log engine statistics."
+        "--disable-log-stats", action="store_true", help="Do not log the periodic engine statistics line."
     )
     group.add_argument("--disable-log-requests", action="store_true", help="Do not log requests.")
     group.add_argument(

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 import tessera
 from tessera.api.chat_template import resolve_chat_template
 from tessera.api.errors import error_response, install_error_handlers
-from tessera.api.metrics import CONTENT_TYPE, ServerMetrics
+from tessera.api.metrics import CONTENT_TYPE, ServerMetrics, StatsLogger
 from tessera.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -232,6 +232,19 @@ async def build_engine(ns: Any) -> EngineClient:
     return AsyncEngine(config, use_process=not in_process)
 
 
+STATS_LOG_INTERVAL_S = 10.0
+
+
+async def _log_stats(stats_logger: StatsLogger) -> None:
+    """Every STATS_LOG_INTERVAL_S seconds, log throughput and cache use (vLLM's stats line)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        line = stats_logger.line(loop.time())
+        if line is not None:
+            logger.info("%s", line)
+        await asyncio.sleep(STATS_LOG_INTERVAL_S)
+
+
 async def _watch_engine(engine: EngineClient, server: Any, state: dict[str, int]) -> None:
     """If the engine dies, stop serving and exit non-zero instead of hanging."""
     while not server.should_exit:
@@ -267,6 +280,7 @@ async def serve(ns: Any) -> int:
     engine = await build_engine(ns)
     state = {"exit_code": 0}
     watchdog: asyncio.Task[None] | None = None
+    stats_task: asyncio.Task[None] | None = None
     try:
         app = build_app(engine, ServerConfig.from_args(ns))
         config = uvicorn.Config(
@@ -282,12 +296,15 @@ async def serve(ns: Any) -> int:
         )
         server = _Server(config)
         watchdog = asyncio.create_task(_watch_engine(engine, server, state))
+        if not getattr(ns, "disable_log_stats", False):
+            stats_task = asyncio.create_task(_log_stats(StatsLogger(engine, app.state.ctx.metrics)))
         await server.serve()
         if not server.started and state["exit_code"] == 0:
             state["exit_code"] = 1
     finally:
-        if watchdog is not None:
-            watchdog.cancel()
+        for task in (watchdog, stats_task):
+            if task is not None:
+                task.cancel()
         await engine.shutdown()
     return state["exit_code"]
 

@@ -47,8 +47,8 @@ a few of its own (group "tessera" below). The differences from vLLM, all deliber
   `tessera plugins`); a name nobody registers exits with an error listing the registered ones.
 - **Harmless compatibility flags.** `--use-v2-block-manager` asks for the paged, prefix-caching
   block manager, which is the only one tessera has. `--enforce-eager` is how tessera runs on CPU
-  anyway (no graphs are captured or compiled). `--disable-log-stats` turns off periodic statistics
-  logging, which tessera does not do (statistics are on `/metrics`).
+  anyway (no graphs are captured or compiled). `--disable-log-stats` turns off the stats line the server logs every
+  10 seconds (throughput, running/waiting requests, KV cache use; the same figures are on `/metrics`).
 
 ### Config file
 
