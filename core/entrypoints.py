@@ -10,6 +10,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from tessera.core.config import engine_config_from_kwargs
+from tessera.core.engine.beam_search import BeamSearch
 from tessera.core.engine.engine_core import EngineCore
 from tessera.core.engine.input_processor import InputProcessor
 from tessera.core.engine.output_processor import OutputProcessor, child_request_ids
@@ -56,10 +57,42 @@ class LLM:
             raise ValueError("pass one SamplingParams, or one per prompt")
         output_processor = OutputProcessor(self.model_info.tokenizer)
         order: list[str] = []
+        searches: dict[str, tuple[RequestOutput, BeamSearch]] = {}
         for prompt, params in zip(prompt_list, params_list):
-            order.append(self._add(output_processor, prompt, params.clone()))
-        finished = self._run(output_processor, len(order), use_tqdm)
+            if params.use_beam_search:
+                request_id, search = self._start_beam_search(prompt, params.clone())
+                order.append(request_id)
+                searches[request_id] = search
+            else:
+                order.append(self._add(output_processor, prompt, params.clone()))
+        finished = self._run(output_processor, len(order) - len(searches), use_tqdm)
+        finished.update(self._run_beam_searches(searches))
         return [finished[request_id] for request_id in order]
+
+    def _start_beam_search(self, prompt: Prompt, params: SamplingParams) -> tuple[str, tuple[RequestOutput, BeamSearch]]:
+        request_id = str(next(self._ids))
+        text = prompt if isinstance(prompt, str) else None
+        token_ids = self.get_tokenizer().encode(prompt) if isinstance(prompt, str) else list(prompt)
+        token_ids, core_requests = self.input_processor.process(request_id, token_ids, params, [request_id])
+        shell = RequestOutput(request_id, text, token_ids, [], finished=True)
+        return request_id, (shell, BeamSearch(token_ids, params, core_requests[0].max_tokens))
+
+    def _run_beam_searches(self, searches: dict[str, tuple[RequestOutput, BeamSearch]]) -> dict[str, RequestOutput]:
+        """Run every search in lock-step: one batched generate call per round."""
+        live = dict(searches)
+        while live := {rid: s for rid, s in live.items() if not s[1].done}:
+            rounds = [(search, seq) for _, search in live.values() for seq in search.round_requests()]
+            answers = self.generate([seq for _, seq in rounds], [search.round_params() for search, _ in rounds])
+            offset = 0
+            for _, search in live.values():
+                count = len(search.live)
+                search.advance([a.outputs[0].logprobs[0] for a in answers[offset : offset + count]])
+                offset += count
+        results = {}
+        for request_id, (shell, search) in searches.items():
+            shell.outputs = search.results(self.get_tokenizer())
+            results[request_id] = shell
+        return results
 
     def chat(
         self,

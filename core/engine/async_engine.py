@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 
 from tessera.core.config import EngineConfig
+from tessera.core.engine.beam_search import BeamSearch
 from tessera.core.engine.client import EngineStats, ModelInfo
 from tessera.core.engine.core_client import InprocCoreClient, MultiprocCoreClient
 from tessera.core.engine.input_processor import InputProcessor
@@ -58,6 +59,9 @@ class AsyncEngine:
                 f"the server is at capacity ({len(self._queues)} requests in flight); retry shortly"
             )
         params = dataclasses.replace(sampling_params)
+        if params.use_beam_search:
+            yield await self._beam_search(list(prompt_token_ids), params, request_id, prompt)
+            return
         assert params.best_of is not None
         child_ids = child_request_ids(request_id, params.best_of)
         prompt_token_ids, core_requests = self.input_processor.process(
@@ -83,6 +87,31 @@ class AsyncEngine:
             self._queues.pop(request_id, None)
             if not finished:
                 self._abort_now(request_id)
+
+    async def _beam_search(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, prompt: str | None
+    ) -> RequestOutput:
+        """Beam search as rounds of one-token requests (their prompts share the prefix cache);
+        the result comes as one final output."""
+        prompt_token_ids, core_requests = self.input_processor.process(
+            request_id, prompt_token_ids, params, [request_id]
+        )
+        search = BeamSearch(prompt_token_ids, params, core_requests[0].max_tokens)
+        round_index = 0
+        while not search.done:
+            async def extend(i: int, sequence: list[int], round_index: int = round_index) -> dict:
+                round_id = f"{request_id}@{round_index}.{i}"
+                async for output in self.generate(sequence, search.round_params(), round_id):
+                    if output.finished:
+                        return output.outputs[0].logprobs[0]
+                raise EngineDeadError("beam search round ended without output")
+
+            answers = await asyncio.gather(*(extend(i, s) for i, s in enumerate(search.round_requests())))
+            search.advance(list(answers))
+            round_index += 1
+        return RequestOutput(
+            request_id, prompt, prompt_token_ids, search.results(self.model_info.tokenizer), finished=True
+        )
 
     async def abort(self, request_id: str) -> None:
         self._abort_now(request_id)

@@ -45,11 +45,6 @@ class InputProcessor:
                 f"prompt token id {bad} is outside the vocabulary (0..{info.vocab_size - 1})", param="prompt"
             )
         params.validate(vocab_size=info.vocab_size, max_logprobs=self.max_logprobs)
-        if params.use_beam_search:
-            raise InvalidRequestError(
-                "use_beam_search is not supported by this server yet; sample with best_of instead",
-                param="use_beam_search",
-            )
         if params.guided is not None:
             if self.guided_validator is None:
                 raise InvalidRequestError(

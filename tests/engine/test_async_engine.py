@@ -100,3 +100,23 @@ def test_engine_process_death_is_reported(model_dir):
         asyncio.run(scenario())
     finally:
         asyncio.run(engine.shutdown())
+
+
+def test_beam_search_through_the_async_engine_equals_offline(model_dir):
+    from tessera import LLM
+
+    params = SamplingParams(n=2, best_of=3, use_beam_search=True, temperature=0.0, max_tokens=5, ignore_eos=True)
+    prompt = [5, 9, 17, 33, 65]
+    (offline,) = LLM(model_dir, dtype="float32", num_blocks_override=64).generate([prompt], params)
+    engine = _engine(model_dir, False)
+
+    async def scenario():
+        return [o async for o in engine.generate(prompt, params, "beam")]
+
+    try:
+        outputs = asyncio.run(scenario())
+    finally:
+        asyncio.run(engine.shutdown())
+    assert len(outputs) == 1 and outputs[0].finished
+    assert [c.token_ids for c in outputs[0].outputs] == [c.token_ids for c in offline.outputs]
+    assert engine.stats().num_used_blocks == 0

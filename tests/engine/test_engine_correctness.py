@@ -170,3 +170,25 @@ def test_abort_frees_blocks_at_once(model_dir):
     while llm.engine.has_unfinished_requests():
         llm.engine.step()
     assert llm.engine.runner.requests == {}
+
+
+def test_beam_search_matches_transformers(model_dir, hf_model):
+    llm = _make_llm(model_dir)
+    prompt = _prompts(1, seed=21)[0]
+    params = SamplingParams(n=2, best_of=4, use_beam_search=True, temperature=0.0, max_tokens=6, ignore_eos=True)
+    (output,) = llm.generate([prompt], params)
+    expected = hf_model.generate(
+        torch.tensor([prompt]), num_beams=4, num_return_sequences=2, max_new_tokens=6, do_sample=False,
+        early_stopping=False, length_penalty=1.0, eos_token_id=None, pad_token_id=0,
+    )[:, len(prompt) :].tolist()
+    assert [c.token_ids for c in output.outputs] == expected
+    assert output.outputs[0].cumulative_logprob >= output.outputs[1].cumulative_logprob
+    _assert_no_leak(llm)
+
+
+def test_beam_width_one_is_greedy(model_dir):
+    llm = _make_llm(model_dir)
+    prompt = _prompts(1, seed=22)[0]
+    (beam,) = llm.generate([prompt], SamplingParams(use_beam_search=True, temperature=0.0, max_tokens=8, ignore_eos=True))
+    (greedy,) = llm.generate([prompt], _greedy(max_tokens=8))
+    assert beam.outputs[0].token_ids == greedy.outputs[0].token_ids
