@@ -299,7 +299,8 @@ def engine_config_from_args(ns: argparse.Namespace) -> EngineConfig:
         if not enable_chunked_prefill and ns.max_model_len is not None:
             # a whole prompt must fit in one step
             max_num_batched_tokens = max(max_num_batched_tokens, ns.max_model_len)
-    quantization = None if ns.quantization in (None, "None") else ns.quantization
+    # An explicit `--quantization None` is "none": no method, not even a loader's default.
+    quantization = "none" if ns.quantization == "None" else ns.quantization
     kv_cache_space = (
         ns.kv_cache_space if ns.kv_cache_space is not None else cpu_kvcache_space_gib_from_env()
     )

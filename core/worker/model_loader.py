@@ -137,12 +137,19 @@ def _eos_token_ids(path: str, hf_config: Any, tokenizer: Any | None) -> tuple[in
     return tuple(ids)
 
 
-def _quantization(model_config: ModelConfig, hf_config: Any, plugins: PluginSet) -> Any | None:
-    """The QuantizationMethod from `--quantization`, else from the checkpoint's quantization_config."""
+def _quantization(
+    model_config: ModelConfig, hf_config: Any, plugins: PluginSet, loader_default: str | None = None
+) -> Any | None:
+    """The QuantizationMethod from `--quantization` ("none": no method), else from the checkpoint's
+    quantization_config, else the loader's default (`gguf` for GGUF files) when it is registered."""
+    if model_config.quantization in ("none", "None"):
+        return None
     hf_quant = getattr(hf_config, "quantization_config", None)
     if hf_quant is not None and not isinstance(hf_quant, dict):
         hf_quant = hf_quant.to_dict()
     name = model_config.quantization or (hf_quant or {}).get("quant_method")
+    if name is None and loader_default in plugins.quantization_methods:
+        name = loader_default
     if name is None:
         return None
     return plugins.quantization_methods.get(name).from_config(hf_quant)
@@ -179,7 +186,8 @@ def load_model(
     dtype = platform.resolve_dtype(model_config.dtype, _checkpoint_dtype(files, hf_config))
     device = platform.torch_device()
     backend = platform.make_attention_backend()
-    context = LayerContext(dtype, device, backend, quantization=_quantization(model_config, hf_config, plugins))
+    quantization = _quantization(model_config, hf_config, plugins, files.extra.get("quantization"))
+    context = LayerContext(dtype, device, backend, quantization=quantization)
     with torch.device(device):
         model = model_cls(hf_config, model_config, context)
     loaded = model.load_weights(loader.iter_weights(path, model_config, hf_config))

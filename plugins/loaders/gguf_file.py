@@ -125,6 +125,19 @@ class GgufFile:
         return gguf.quants.dequantize(blocks, qtype).reshape(info.shape)
 
 
+    def load_int4_groups(self, info: GgufTensorInfo) -> tuple[np.ndarray, np.ndarray] | None:
+        """For Q4_0 / Q4_1 matrices: (N, K) uint8 nibbles q and (N, K / 32, 2) float32 (scale, zero)
+        with w = (q - 8) * scale + zero per group of 32; None for other types."""
+        if info.ggml_type not in _INT4_GROUPS or len(info.shape) != 2:
+            return None
+        num_rows, num_cols = info.shape
+        num_blocks = num_rows * num_cols // 32
+        type_size = 18 if info.ggml_type == Q4_0 else 20
+        raw = np.frombuffer(self.data, dtype=np.uint8, count=num_blocks * type_size, offset=info.offset)
+        q, scale_zero = _INT4_GROUPS[info.ggml_type](raw.reshape(num_blocks, type_size))
+        return q.reshape(num_rows, num_cols), scale_zero.reshape(num_rows, num_cols // 32, 2)
+
+
 def _scales(blocks: np.ndarray, start: int) -> np.ndarray:  # (num_blocks, 1) float32 from an f16 field
     return blocks[:, start : start + 2].copy().view(np.float16).astype(np.float32)
 
@@ -145,5 +158,19 @@ def _dequant_q8_0(blocks: np.ndarray) -> np.ndarray:
     return _scales(blocks, 0) * blocks[:, 2:].view(np.int8).astype(np.float32)
 
 
+def _int4_q4_0(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    d = _scales(blocks, 0)  # (num_blocks, 1)
+    q = np.concatenate([blocks[:, 2:] & 0x0F, blocks[:, 2:] >> 4], axis=1)  # (num_blocks, 32)
+    return q, np.concatenate([d, np.zeros_like(d)], axis=1)
+
+
+def _int4_q4_1(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    d, m = _scales(blocks, 0), _scales(blocks, 2)  # (num_blocks, 1) each
+    q = np.concatenate([blocks[:, 4:] & 0x0F, blocks[:, 4:] >> 4], axis=1)  # (num_blocks, 32)
+    return q, np.concatenate([d, m + 8 * d], axis=1)  # q*d + m == (q-8)*d + (m+8d)
+
+
+Q4_0, Q4_1 = 2, 3
+_INT4_GROUPS = {Q4_0: _int4_q4_0, Q4_1: _int4_q4_1}
 # Block-wise numpy for the common simple types (gguf-py loops over row groups in Python).
 _FAST_DEQUANT = {2: _dequant_q4_0, 3: _dequant_q4_1, 8: _dequant_q8_0}

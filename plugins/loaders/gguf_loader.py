@@ -163,6 +163,28 @@ def _unpermute_llama_qk(hf_name: str, tensor: torch.Tensor, hf_config: Any) -> t
 _FIXUPS: dict[str, Callable[[str, torch.Tensor, Any], torch.Tensor]] = {"llama": _unpermute_llama_qk}
 
 
+def wants_int4_groups(model_config: Any) -> bool:
+    """Whether the `gguf` quantization method is in effect (named, or the default: unset)."""
+    return getattr(model_config, "quantization", None) in (None, "gguf")
+
+
+def _is_linear_weight(hf_name: str) -> bool:
+    return hf_name.endswith(".weight") and not hf_name.startswith(("lm_head.", "model.embed_tokens."))
+
+
+def _int4_groups(
+    gguf: GgufFile, info: Any, hf_name: str, hf_config: Any, fixup: Callable[..., torch.Tensor] | None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """`<layer>.qweight` and `<layer>.scales_zeros` for a Q4_0 / Q4_1 matrix (nothing otherwise)."""
+    groups = gguf.load_int4_groups(info)
+    if groups is None:
+        return
+    base = hf_name.removesuffix(".weight")
+    for suffix, array in zip((".qweight", ".scales_zeros"), groups, strict=True):
+        tensor = torch.from_numpy(array)
+        yield base + suffix, fixup(hf_name, tensor, hf_config) if fixup else tensor
+
+
 class GgufLoader(WeightLoader):
     name = "gguf"
 
@@ -191,7 +213,7 @@ class GgufLoader(WeightLoader):
         else:
             tokenizer = gguf_tokenizer(gguf.path)
         chat_template = gguf.metadata.get("tokenizer.chat_template") or getattr(tokenizer, "chat_template", None)
-        extra = {"checkpoint_dtype": checkpoint_dtype(gguf), "gguf_file": gguf.path}
+        extra = {"checkpoint_dtype": checkpoint_dtype(gguf), "gguf_file": gguf.path, "quantization": "gguf"}
         return LoadedModelFiles(hf_config=hf_config, tokenizer=tokenizer, chat_template=chat_template, extra=extra)
 
     def iter_weights(self, path: str, model_config: Any, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
@@ -199,6 +221,7 @@ class GgufLoader(WeightLoader):
         arch = gguf.architecture()
         to_hf = _llama_name if arch == "llama" else _generic_names(gguf, hf_config)
         fixup = _FIXUPS.get(arch)
+        keep_int4 = wants_int4_groups(model_config)
         infos = list(gguf.tensors.values())
         for info in progress(infos, len(infos), "Loading GGUF"):
             hf_name = to_hf(info.name)
@@ -210,3 +233,5 @@ class GgufLoader(WeightLoader):
                 array = array.astype(np.float32)
             tensor = torch.from_numpy(array)
             yield hf_name, fixup(hf_name, tensor, hf_config) if fixup else tensor
+            if keep_int4 and _is_linear_weight(hf_name):
+                yield from _int4_groups(gguf, info, hf_name, hf_config, fixup)

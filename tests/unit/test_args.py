@@ -354,7 +354,7 @@ def test_engine_config_mapping(monkeypatch):
     assert config.model.model == "/m" and config.model.seed == 7 and config.model.dtype == "float32"
     assert config.model.rope_scaling == {"type": "linear", "factor": 2}
     assert config.model.served_model_name == ("a", "b")
-    assert config.model.quantization is None
+    assert config.model.quantization == "none"  # explicit None: no method, not even the GGUF default
     assert config.cache.num_blocks_override == 64 and config.cache.swap_space_gib == 1
     assert config.cache.block_size == 32 and config.cache.enable_prefix_caching is False
     assert config.cache.kv_cache_space_gib == 1.5

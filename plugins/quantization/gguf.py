@@ -1,0 +1,91 @@
+"""`--quantization gguf`: keep a GGUF file's Q4_0 / Q4_1 matrices packed for PyTorch's CPU int4 kernel.
+
+Small batches (decode) are memory-bandwidth bound, so they multiply with the 4-bit weights through
+`aten._weight_int4pack_mm_for_cpu`; larger batches are compute bound, where oneDNN's bf16 GEMM on
+a dequantized copy wins. A layer therefore keeps both (about 1.3x the bf16 footprint) and picks per
+call by the number of rows. Layers whose GGUF tensors are another type (or not on the CPU) keep
+only the dequantized weight. Measurements and the crossover are in docs/quantization.md.
+
+The GGUF loader fills two extra parameters per packable matrix when this method is active:
+`qweight` (N, K) uint8 nibbles 0..15 and `scales_zeros` (N, K / 32, 2) float32 such that
+w = (q - 8) * scale + zero per group of 32 inputs: Q4_1 (w = q*d + m) gives scale=d, zero=m+8d;
+Q4_0 (w = (q-8)*d) gives scale=d, zero=0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tessera.core.interfaces.quantization import LinearMethod, QuantizationMethod
+from tessera.core.layers.linear import UnquantizedLinearMethod
+
+GROUP_SIZE = 32  # GGUF Q4_0 / Q4_1 block size
+# At most this many rows go through the int4 kernel; above it the bf16 GEMM is faster (measured
+# on a 2-core x86 CPU, see docs/quantization.md).
+MAX_INT4_ROWS = 16
+
+
+def int4_pack(qweight: torch.Tensor, scales_zeros: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed weight, (K/32, N, 2) scales_and_zeros) for the CPU int4 kernel from (N, K) nibbles
+    and (N, K/32, 2) per-group (scale, zero)."""
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qweight.to(torch.int32).contiguous(), 1)
+    return packed, scales_zeros.transpose(0, 1).contiguous().to(dtype)
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, out_features: int) -> torch.Tensor:
+    """y = x W^T with W held as int4 groups of 32; x is (..., K), y is (..., N)."""
+    rows = x.reshape(-1, x.shape[-1])  # (num_rows, K)
+    if rows.dtype != scales_zeros.dtype:
+        rows = rows.to(scales_zeros.dtype)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.contiguous(), packed, GROUP_SIZE, scales_zeros)
+    return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+
+
+class GgufLinearMethod(LinearMethod):
+    """Dequantized weight for big batches plus, when every shard arrived as Q4, int4 packs for small ones."""
+
+    def __init__(self, max_int4_rows: int = MAX_INT4_ROWS) -> None:
+        self.max_int4_rows = max_int4_rows
+
+    def create_weights(self, layer: Any, input_size: int, output_size: int, dtype: Any) -> None:
+        UnquantizedLinearMethod().create_weights(layer, input_size, output_size, dtype)
+        layer.int4_weight = None
+        if torch.device(layer.device).type != "cpu" or input_size % GROUP_SIZE:
+            return
+        qweight = torch.zeros(output_size, input_size, dtype=torch.uint8, device=layer.device)
+        # NaN marks groups no checkpoint shard filled: then the layer stays dequantized.
+        scales_zeros = torch.full((output_size, input_size // GROUP_SIZE, 2), float("nan"), device=layer.device)
+        for name, tensor in (("qweight", qweight), ("scales_zeros", scales_zeros)):
+            param = nn.Parameter(tensor, requires_grad=False)
+            param.output_dim = 0  # type: ignore[attr-defined]
+            layer.register_parameter(name, param)
+
+    def process_weights_after_loading(self, layer: Any) -> None:
+        qweight = layer._parameters.pop("qweight", None)
+        scales_zeros = layer._parameters.pop("scales_zeros", None)
+        if qweight is None or scales_zeros is None or bool(torch.isnan(scales_zeros).any()):
+            return  # not every shard was Q4_0 / Q4_1: only the dequantized weight is used
+        layer.int4_weight = int4_pack(qweight.data, scales_zeros.data, layer.weight.dtype)
+
+    def apply(self, layer: Any, x: Any, bias: Any | None) -> Any:
+        if layer.int4_weight is None or x.numel() > self.max_int4_rows * x.shape[-1]:
+            return F.linear(x, layer.weight, bias)
+        y = int4_linear(x, *layer.int4_weight, layer.weight.shape[0])
+        return y if bias is None else y + bias
+
+
+class GgufQuantization(QuantizationMethod):
+    """Registered as `gguf`; the default for GGUF files (see the GGUF loader)."""
+
+    name = "gguf"
+
+    @classmethod
+    def from_config(cls, hf_quant_config: dict[str, Any] | None) -> GgufQuantization:
+        return cls()
+
+    def get_linear_method(self, prefix: str) -> LinearMethod:
+        return GgufLinearMethod()
