@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -17,6 +14,8 @@ from tessera.api.bench.offline import (
     greedy_params,
     make_llm,
     random_token_prompts,
+    run_command,
+    write_json,
 )
 from tessera.core.errors import TesseraError
 
@@ -62,19 +61,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"(batch {args.batch_size}, {args.input_len} in, {args.output_len} out)")
     for p, value in result["percentiles"].items():
         print(f"{p}% percentile latency: {value:.4f} s")
-    if args.output_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-        with open(args.output_json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.output_json, result)
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tessera bench latency", description=__doc__)
-    add_arguments(parser)
-    try:
-        run(parser.parse_args(argv))
-    except TesseraError as exc:
-        print(f"tessera bench latency: error: {exc.message}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("tessera bench latency", __doc__, add_arguments, run, argv)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -65,3 +69,27 @@ def greedy_params(output_len: int) -> Any:
     from tessera import SamplingParams
 
     return SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+
+
+def write_json(path: str | None, result: dict[str, Any]) -> None:
+    """Save a benchmark result as JSON when `--output-json` asked for it."""
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+
+
+def run_command(
+    prog: str, doc: str | None, add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], Any], argv: Sequence[str] | None,
+) -> int:
+    """Parse, run, and turn a TesseraError into a one-line message and exit code 2."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc)
+    add_arguments(parser)
+    try:
+        run(parser.parse_args(argv))
+    except TesseraError as exc:
+        print(f"{prog}: error: {exc.message}", file=sys.stderr)
+        return 2
+    return 0

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -15,6 +12,8 @@ from tessera.api.bench.offline import (
     greedy_params,
     make_llm,
     random_token_prompts,
+    run_command,
+    write_json,
 )
 from tessera.core.errors import TesseraError
 
@@ -58,19 +57,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"{result['output_tokens_per_second']:.2f} output tokens/s "
         f"({len(prompts)} requests, {num_output} output tokens in {elapsed:.2f} s; load {load_s:.1f} s)"
     )
-    if args.output_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-        with open(args.output_json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+    write_json(args.output_json, result)
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tessera bench throughput", description=__doc__)
-    add_arguments(parser)
-    try:
-        run(parser.parse_args(argv))
-    except TesseraError as exc:
-        print(f"tessera bench throughput: error: {exc.message}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command("tessera bench throughput", __doc__, add_arguments, run, argv)
