@@ -1,17 +1,47 @@
-"""CPU attention over the paged KV cache: scatter new K/V by slot, gather per block table, one SDPA."""
+"""CPU attention over the paged KV cache.
+
+Each step's requests split into decodes (one query token) and prefills (a prompt or a chunk of
+one). Decodes are computed together, straight from the block tables, by the C++ kernel in
+csrc/paged_attention.cpp (or, without a compiler, by a gather into a padded batch and two grouped
+matmuls). Prefills are few per step and large, so each runs as one SDPA call: on its own K/V when
+the whole sequence is in this step, else on its cached K/V gathered by slot with a causal mask
+offset to the chunk's position. What the step's layout implies (which rows decode, the gather
+indices, the masks) is computed by the first layer and reused by the others.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from tessera.backends.cpu import kernels
 from tessera.core.interfaces.attention import AttentionBackend, AttentionMetadata
 
 
+@dataclass
+class _Prefill:
+    tokens: slice  # this request's rows in the flat batch
+    slots: torch.Tensor | None  # (seq_len,) cache slots of its whole sequence; None: fresh prompt
+    mask: torch.Tensor | None  # (query_len, seq_len) bool causal mask at the chunk's offset
+
+
+@dataclass
+class _StepPlan:
+    decode_rows: torch.Tensor | None  # flat indices of decode tokens; None when every row decodes
+    decode_tables: torch.Tensor  # (num_decodes, max_blocks) int32
+    decode_seq_lens: torch.Tensor  # (num_decodes,) int32
+    decode_seq_lens_cpu: list[int]
+    prefills: list[_Prefill]
+    # torch fallback for decodes (no kernel): padded gather indices and the length mask
+    gather_slots: torch.Tensor | None = None  # (num_decodes, max_seq_len) int64
+    gather_mask: torch.Tensor | None = None  # (num_decodes, 1, 1, max_seq_len) bool
+
+
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, **kwargs: Any) -> torch.Tensor:
-    """q (batch, num_heads, q_len, d), k/v (batch, num_kv_heads, k_len, d) with grouped heads."""
+    """q (..., num_heads, q_len, d), k/v (..., num_kv_heads, k_len, d) with grouped heads."""
     return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=k.shape[-3] != q.shape[-3], **kwargs)
 
 
@@ -22,8 +52,7 @@ def _decode_matmul(
     mask: torch.Tensor,  # (num_reqs, 1, 1, max_seq_len) bool
     scale: float,
 ) -> torch.Tensor:  # (num_reqs, num_heads, head_dim)
-    """One-query attention as two grouped matmuls with a float32 softmax. torch's CPU flash
-    kernel is ~6x slower than this for a single bf16 query (measured, torch 2.13)."""
+    """One-query attention as two grouped matmuls with a float32 softmax (the torch fallback)."""
     num_reqs, num_heads, head_dim = query.shape
     num_kv_heads = keys.shape[1]
     q = query.view(num_reqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
@@ -32,19 +61,17 @@ def _decode_matmul(
     return (probs @ values).view(num_reqs, num_heads, head_dim)
 
 
+def _slots(table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    """Cache slots of positions [0, length) of a sequence with block table `table`."""
+    positions = torch.arange(length, device=table.device)
+    return table.long()[positions // block_size] * block_size + positions % block_size
+
+
 class CpuAttentionBackend(AttentionBackend):
-    """Batched attention without per-request Python loops.
-
-    Paths, cheapest first:
-    - one request whose whole sequence is in this step (a fresh prefill): causal SDPA on the
-      step's own K/V, no gather;
-    - otherwise: gather every request's cached K/V through its block table into a padded
-      (num_reqs, max_seq_len) tensor, pad the queries to (num_reqs, max_query_len), and run one
-      SDPA with a boolean causal + length mask. Decode-only steps skip the query padding, and in
-      bf16/fp16 use two grouped matmuls instead of SDPA.
-    """
-
     name = "cpu"
+
+    def __init__(self, use_kernel: bool = True) -> None:
+        self.kernels = kernels.load() if use_kernel else None
 
     def allocate_kv_cache(
         self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: Any, device: Any
@@ -67,52 +94,95 @@ class CpuAttentionBackend(AttentionBackend):
         key_cache.index_copy_(0, metadata.slot_mapping, key.to(key_cache.dtype))
         value_cache.index_copy_(0, metadata.slot_mapping, value.to(value_cache.dtype))
 
-        if len(metadata.seq_lens_cpu) == 1 and metadata.seq_lens_cpu[0] == metadata.query_lens_cpu[0]:
-            out = _sdpa(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), scale, is_causal=True)
-            return out.transpose(0, 1)  # (num_tokens, num_heads, head_dim)
+        plan = metadata.backend_state.get("cpu")
+        if plan is None:
+            plan = metadata.backend_state["cpu"] = self._plan(metadata)
+        if not plan.prefills:  # decode-only step: no scatter needed
+            return self._decode(query, kv_cache, key_cache, value_cache, plan, scale)
+        out = torch.empty_like(query)
+        if plan.decode_rows is not None and len(plan.decode_rows):
+            rows = plan.decode_rows
+            out[rows] = self._decode(query[rows], kv_cache, key_cache, value_cache, plan, scale)
+        for prefill in plan.prefills:
+            out[prefill.tokens] = self._prefill(query, key, value, key_cache, value_cache, prefill, scale)
+        return out
 
-        keys, values = self._gather(kv_cache, metadata)  # (num_reqs, num_kv_heads, max_seq_len, head_dim)
-        if metadata.is_decode_only:
-            mask = self._mask(metadata, 1, keys.shape[2], query.device)  # (num_reqs, 1, 1, max_seq_len)
-            if query.dtype == torch.float32:
-                return _sdpa(query.unsqueeze(2), keys, values, scale, attn_mask=mask).squeeze(2)
-            return _decode_matmul(query, keys, values, mask, scale)
+    # -- per-step plan ----------------------------------------------------------------------------
+    def _plan(self, metadata: AttentionMetadata) -> _StepPlan:
+        block_size = metadata.block_size
+        decodes: list[int] = []  # request indexes
+        decode_rows: list[int] = []
+        prefills: list[_Prefill] = []
+        start = 0
+        for index, (query_len, seq_len) in enumerate(zip(metadata.query_lens_cpu, metadata.seq_lens_cpu)):
+            if query_len == 1:
+                decodes.append(index)
+                decode_rows.append(start)
+            elif query_len == seq_len:
+                prefills.append(_Prefill(slice(start, start + query_len), None, None))
+            else:  # a later chunk, or a prompt whose prefix was cached
+                slots = _slots(metadata.block_tables[index], seq_len, block_size)
+                rows = torch.arange(seq_len - query_len, seq_len).unsqueeze(1)
+                mask = torch.arange(seq_len).unsqueeze(0) <= rows  # (query_len, seq_len)
+                prefills.append(_Prefill(slice(start, start + query_len), slots, mask))
+            start += query_len
+        index_tensor = torch.tensor(decodes, dtype=torch.long)
+        all_decode = len(decodes) == len(metadata.query_lens_cpu)
+        plan = _StepPlan(
+            decode_rows=None if all_decode else torch.tensor(decode_rows, dtype=torch.long),
+            decode_tables=(metadata.block_tables if all_decode else metadata.block_tables[index_tensor]).contiguous(),
+            decode_seq_lens=(metadata.seq_lens if all_decode else metadata.seq_lens[index_tensor]).contiguous(),
+            decode_seq_lens_cpu=[metadata.seq_lens_cpu[i] for i in decodes],
+            prefills=prefills,
+        )
+        if decodes and self.kernels is None:
+            max_len = max(plan.decode_seq_lens_cpu)
+            plan.gather_slots = torch.stack([_slots(table, max_len, block_size) for table in plan.decode_tables])
+            lengths = plan.decode_seq_lens.long().view(-1, 1, 1, 1)
+            plan.gather_mask = torch.arange(max_len).view(1, 1, 1, -1) < lengths
+        return plan
 
-        req_idx, local_idx = self._token_coords(metadata, query.device)
-        q = query.new_zeros(len(metadata.seq_lens_cpu), metadata.max_query_len, *query.shape[1:])
-        q[req_idx, local_idx] = query  # (num_reqs, max_query_len, num_heads, head_dim)
-        mask = self._mask(metadata, metadata.max_query_len, keys.shape[2], query.device)
-        out = _sdpa(q.transpose(1, 2), keys, values, scale, attn_mask=mask)
-        return out.transpose(1, 2)[req_idx, local_idx]  # (num_tokens, num_heads, head_dim)
+    # -- decodes ----------------------------------------------------------------------------------
+    def _decode(
+        self,
+        query: torch.Tensor,  # (num_decodes, num_heads, head_dim)
+        kv_cache: torch.Tensor,
+        key_cache: torch.Tensor,  # (num_slots, num_kv_heads, head_dim)
+        value_cache: torch.Tensor,
+        plan: _StepPlan,
+        scale: float,
+    ) -> torch.Tensor:
+        query = query.contiguous()
+        if self.kernels is not None:
+            out = torch.empty_like(query)
+            self.kernels.paged_decode_attention(
+                out, query, kv_cache[0], kv_cache[1], plan.decode_tables, plan.decode_seq_lens, scale
+            )
+            return out
+        assert plan.gather_slots is not None and plan.gather_mask is not None
+        num_reqs, max_len = plan.gather_slots.shape
+        flat = plan.gather_slots.view(-1)
+        keys = key_cache.index_select(0, flat).view(num_reqs, max_len, *key_cache.shape[1:]).transpose(1, 2)
+        values = value_cache.index_select(0, flat).view(num_reqs, max_len, *value_cache.shape[1:]).transpose(1, 2)
+        if query.dtype == torch.float32:
+            return _sdpa(query.unsqueeze(2), keys, values, scale, attn_mask=plan.gather_mask).squeeze(2)
+        return _decode_matmul(query, keys, values, plan.gather_mask, scale)
 
+    # -- prefills ---------------------------------------------------------------------------------
     @staticmethod
-    def _gather(kv_cache: torch.Tensor, metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        num_blocks = -(-metadata.max_seq_len // metadata.block_size)
-        tables = metadata.block_tables[:, :num_blocks].long()  # (num_reqs, num_blocks)
-        num_reqs = tables.shape[0]
-        gathered = kv_cache[:, tables]  # (2, num_reqs, num_blocks, block_size, num_kv_heads, head_dim)
-        gathered = gathered.reshape(2, num_reqs, num_blocks * metadata.block_size, *kv_cache.shape[3:])
-        gathered = gathered[:, :, : metadata.max_seq_len].transpose(2, 3)
-        return gathered[0], gathered[1]  # each (num_reqs, num_kv_heads, max_seq_len, head_dim)
-
-    @staticmethod
-    def _token_coords(metadata: AttentionMetadata, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """(request index, index within the request's query) of every flat token."""
-        num_tokens = sum(metadata.query_lens_cpu)
-        query_lens = torch.tensor(metadata.query_lens_cpu, device=device)
-        req_idx = torch.repeat_interleave(torch.arange(len(query_lens), device=device), query_lens, output_size=num_tokens)
-        local_idx = torch.arange(num_tokens, device=device) - metadata.query_start_loc[req_idx].long()
-        return req_idx, local_idx
-
-    @staticmethod
-    def _mask(metadata: AttentionMetadata, max_query_len: int, max_seq_len: int, device: Any) -> torch.Tensor:
-        """(num_reqs, 1, max_query_len, max_seq_len) bool: key j is visible to query row i of a
-        request iff j <= its position and j < the request's length (padded rows see the whole
-        sequence, so no row is fully masked)."""
-        seq_lens = metadata.seq_lens.to(device=device, dtype=torch.long)  # (num_reqs,)
-        query_lens = torch.tensor(metadata.query_lens_cpu, device=device)
-        rows = torch.arange(max_query_len, device=device)
-        positions = (seq_lens - query_lens).unsqueeze(1) + rows  # (num_reqs, max_query_len)
-        keys = torch.arange(max_seq_len, device=device)
-        visible = (keys <= positions.unsqueeze(-1)) & (keys < seq_lens.view(-1, 1, 1))
-        return visible.unsqueeze(1)
+    def _prefill(
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        prefill: _Prefill,
+        scale: float,
+    ) -> torch.Tensor:  # (query_len, num_heads, head_dim)
+        q = query[prefill.tokens].transpose(0, 1)  # (num_heads, query_len, head_dim)
+        if prefill.slots is None:  # the whole sequence is in this step
+            k, v = key[prefill.tokens].transpose(0, 1), value[prefill.tokens].transpose(0, 1)
+            return _sdpa(q, k, v, scale, is_causal=True).transpose(0, 1)
+        k = key_cache.index_select(0, prefill.slots).transpose(0, 1)  # (num_kv_heads, seq_len, head_dim)
+        v = value_cache.index_select(0, prefill.slots).transpose(0, 1)
+        return _sdpa(q, k.to(q.dtype), v.to(q.dtype), scale, attn_mask=prefill.mask).transpose(0, 1)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -27,6 +27,9 @@ class AttentionMetadata:
     max_seq_len: int
     block_size: int
     is_decode_only: bool  # every request computes exactly one token
+    # Scratch space for the backend: tensors derived from this layout (gather indices, masks) that
+    # the first layer computes and the other layers reuse within the step.
+    backend_state: dict[str, Any] = field(default_factory=dict)
 
 
 class AttentionBackend(ABC):

@@ -70,12 +70,28 @@ def _reference(q, k, v, scale):  # one request, all tokens: (n, heads, d)
     return out.transpose(0, 1)
 
 
+def _backend(use_kernel: bool) -> CpuAttentionBackend:
+    backend = CpuAttentionBackend(use_kernel=use_kernel)
+    if use_kernel and backend.kernels is None:
+        pytest.skip("the C++ kernels could not be built here (see the log)")
+    return backend
+
+
+def _metadata(slots, tables, query_lens, seq_lens, block) -> AttentionMetadata:
+    return AttentionMetadata(
+        torch.tensor(slots), torch.tensor(tables, dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32),
+        torch.tensor([0, *query_lens]).cumsum(0).to(torch.int32), list(query_lens), list(seq_lens),
+        max(query_lens), max(seq_lens), block, all(n == 1 for n in query_lens),
+    )
+
+
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_attention_matches_dense_attention(dtype):
+def test_paged_attention_matches_dense_attention(dtype, use_kernel):
     """Two requests: one decodes (context 20), one prefills a 2nd chunk (tokens 16..23); then both decode."""
     gen = torch.Generator().manual_seed(0)
     heads, kv_heads, dim, block = 4, 2, 8, 16
-    backend = CpuAttentionBackend()
+    backend = _backend(use_kernel)
     cache = backend.allocate_kv_cache(8, block, kv_heads, dim, dtype, "cpu")
     tables = [[5, 2], [3, 6]]
     full = [torch.randn(n, heads + 2 * kv_heads, dim, generator=gen).to(dtype) for n in (22, 25)]
@@ -88,12 +104,7 @@ def test_paged_attention_matches_dense_attention(dtype):
             k.append(seq[done : done + new, heads : heads + kv_heads])
             v.append(seq[done : done + new, heads + kv_heads :])
             lens.append(new)
-        seq_lens = [d + n for d, n in chunks]
-        metadata = AttentionMetadata(
-            torch.tensor(slots), torch.tensor(tables, dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32),
-            torch.tensor([0] + lens).cumsum(0).to(torch.int32), lens, seq_lens, max(lens), max(seq_lens), block,
-            all(n == 1 for n in lens),
-        )
+        metadata = _metadata(slots, tables, lens, [d + n for d, n in chunks], block)
         return backend.forward(torch.cat(q), torch.cat(k), torch.cat(v), cache, metadata, 0.3).split(lens)
 
     run([(0, 20), (0, 16)])
@@ -104,3 +115,36 @@ def test_paged_attention_matches_dense_attention(dtype):
         expected = _reference(q[end - n :], k, v, 0.3)
         assert out.dtype == dtype
         torch.testing.assert_close(out.float(), expected, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_decode_attention_over_scattered_blocks(dtype, use_kernel):
+    """SmolLM2's head layout (9 query heads on 3 KV heads, dim 64); five decoding requests of
+    different lengths whose blocks are scattered over the cache, some ending mid-block."""
+    gen = torch.Generator().manual_seed(1)
+    heads, kv_heads, dim, block, num_blocks = 9, 3, 64, 16, 64
+    backend = _backend(use_kernel)
+    cache = backend.allocate_kv_cache(num_blocks, block, kv_heads, dim, dtype, "cpu")
+    cache.copy_(torch.randn(cache.shape, generator=gen).to(dtype))
+    lengths = [1, 17, 40, 130, 257]
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, used = [], 0
+    for n in lengths:
+        count = -(-n // block)
+        tables.append(order[used : used + count] + [0] * (17 - count))
+        used += count
+    query = torch.randn(len(lengths), heads, dim, generator=gen).to(dtype)
+    new_kv = torch.randn(2, len(lengths), kv_heads, dim, generator=gen).to(dtype)
+    slots = [t[(n - 1) // block] * block + (n - 1) % block for t, n in zip(tables, lengths, strict=True)]
+    metadata = _metadata(slots, tables, [1] * len(lengths), lengths, block)
+    out = backend.forward(query, new_kv[0], new_kv[1], cache, metadata, dim**-0.5)
+    flat = cache.view(2, -1, kv_heads, dim)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for row, (table, n) in enumerate(zip(tables, lengths, strict=True)):
+        positions = torch.arange(n)
+        seq_slots = torch.tensor(table)[positions // block] * block + positions % block
+        k, v = flat[0][seq_slots], flat[1][seq_slots]
+        torch.testing.assert_close(k[-1], new_kv[0][row])  # the new key was stored in its slot
+        expected = _reference(query[row : row + 1], k, v, dim**-0.5)[0]
+        torch.testing.assert_close(out[row].float(), expected, rtol=0, atol=tol)
