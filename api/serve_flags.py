@@ -340,7 +340,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--enforce-eager",
         action="store_true",
-        help="Always run eagerly (no CUDA graphs / compiled graphs).",
+        help="Run the model eagerly: skip torch.compile at start-up (faster start, slower steps).",
     )
     group.add_argument(
         "--device",

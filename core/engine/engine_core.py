@@ -26,6 +26,7 @@ class EngineCore:
     """Loads the model, sizes the KV cache, and steps: schedule -> execute -> update."""
 
     def __init__(self, config: EngineConfig, plugins: PluginSet | None = None) -> None:
+        from tessera.core.worker.compilation import compile_wanted
         from tessera.core.worker.model_loader import load_model
         from tessera.core.worker.model_runner import ModelRunner
         from tessera.core.worker.platform_select import select_platform
@@ -40,7 +41,10 @@ class EngineCore:
         scheduler_config = self._scheduler_config(loaded.max_model_len)
         self.kv_cache_manager = KVCacheManager(config.cache, num_blocks, num_swap_blocks)
         self.scheduler = Scheduler(scheduler_config, self.kv_cache_manager)
-        self.runner = ModelRunner(loaded, config.cache.block_size, num_blocks, num_swap_blocks)
+        self.runner = ModelRunner(
+            loaded, config.cache.block_size, num_blocks, num_swap_blocks,
+            compile_model=compile_wanted(config.model.enforce_eager, loaded.device),
+        )
         self.model_info = ModelInfo(
             model_path=loaded.model_path,
             max_model_len=loaded.max_model_len,

@@ -9,6 +9,7 @@ import torch
 
 from tessera.core.engine.types import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
 from tessera.core.interfaces.attention import AttentionMetadata
+from tessera.core.worker.compilation import CompiledForward
 from tessera.core.worker.sampler import sample, token_logprobs
 from tessera.core.worker.sampling_batch import RequestState, build_sampling_batch
 
@@ -21,7 +22,9 @@ class ModelRunner:
     It never decides what runs: each step it computes exactly what the SchedulerOutput says.
     """
 
-    def __init__(self, loaded: Any, block_size: int, num_blocks: int, num_swap_blocks: int = 0) -> None:
+    def __init__(
+        self, loaded: Any, block_size: int, num_blocks: int, num_swap_blocks: int = 0, compile_model: bool = False
+    ) -> None:
         self.model = loaded.model
         self.device: torch.device = loaded.device
         self.dtype: torch.dtype = loaded.dtype
@@ -41,6 +44,13 @@ class ModelRunner:
             for _ in range(num_layers if num_swap_blocks else 0)
         ]
         self.requests: dict[str, RequestState] = {}
+        # the forward pass: the model itself, or its torch.compile'd form (see compilation.py)
+        self.forward: Any = self.model
+        self.compile_seconds: float | None = None
+        if compile_model:
+            compiled = CompiledForward(self.model)
+            self.compile_seconds = compiled.warm_up(self.kv_caches, block_size, self.device)
+            self.forward = compiled
 
     # -- state -------------------------------------------------------------------------------
     def _update_states(self, out: SchedulerOutput) -> None:
@@ -155,7 +165,7 @@ class ModelRunner:
         if out.is_empty:
             return ModelRunnerOutput(sampled_token_ids={})
         input_ids, positions, metadata, states, sample_indices = self._prepare_inputs(out)
-        hidden = self.model(input_ids, positions, self.kv_caches, metadata)  # (num_tokens, hidden)
+        hidden = self.forward(input_ids, positions, self.kv_caches, metadata)  # (num_tokens, hidden)
         prompt_logprobs = self._prompt_logprobs(out, hidden) if _wants_prompt_logprobs(out, self.requests) else {}
         if not states:
             return ModelRunnerOutput(sampled_token_ids={}, prompt_logprobs=prompt_logprobs)

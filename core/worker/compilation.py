@@ -1,0 +1,93 @@
+"""The model's forward under `torch.compile` (inductor), unless `--enforce-eager`.
+
+On a CPU most of a small model's step outside the matmuls is Python and dispatch overhead: a few
+dozen small ops per layer (norms, rotary, residual adds, activations). Inductor fuses them into
+generated C++ loops. Attention stays an opaque custom op (`tessera::attention`, see
+core/layers/attention.py), so the graph has the same shape every step and only the number of
+tokens varies (compiled as a dynamic size). The matmuls stay the library kernels they were.
+
+Compiling takes tens of seconds the first time on a small machine (inductor caches its output on
+disk, so a restart is faster); `warm_up` does it at start-up, for the batch sizes that take
+different code paths, and logs how long it took. `TESSERA_ENFORCE_EAGER=1` is the same as
+`--enforce-eager` for every engine in the process and its children (the test suite sets it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+import torch
+
+from tessera.core.interfaces.attention import AttentionMetadata
+from tessera.core.layers.attention import Attention, step_context
+
+logger = logging.getLogger(__name__)
+
+# Token counts that take different paths: one token (sizes 0 and 1 are specialised by the
+# compiler), a small batch (int4 matmuls for quantized layers), and a large one (dense matmuls).
+WARM_UP_SIZES = (1, 8, 32)
+
+
+def compile_wanted(enforce_eager: bool, device: torch.device) -> bool:
+    """Whether to compile: not when asked for eager mode, and only where inductor can build."""
+    if enforce_eager or os.environ.get("TESSERA_ENFORCE_EAGER", "0") == "1":
+        return False
+    if device.type != "cpu":
+        logger.info("torch.compile is only set up for the CPU platform; running eagerly")
+        return False
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        logger.warning("no C++ compiler found: the model runs eagerly (slower); install g++ to compile it")
+        return False
+    return True
+
+
+class CompiledForward:
+    """Calls the model like `model(input_ids, positions, kv_caches, metadata)`, compiled."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.layers = [m for m in model.modules() if isinstance(m, Attention)]
+        for index, layer in enumerate(self.layers):
+            layer.layer_index = index
+        no_caches = [None] * len(self.layers)
+
+        def forward(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return model(input_ids, positions, no_caches, None)
+
+        self._compiled = torch.compile(forward, dynamic=True)
+
+    def __call__(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[Any], metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        with step_context(self.layers, kv_caches, metadata):
+            return self._compiled(input_ids, positions)
+
+    def warm_up(self, kv_caches: list[Any], block_size: int, device: torch.device) -> float:
+        """Compile for every path now, on throwaway decode steps that write only the first
+        slots of the cache (nothing is cached yet at start-up, and a slot is always written
+        before it is read). Returns the seconds it took."""
+        start = time.perf_counter()
+        num_slots = kv_caches[0].shape[1] * block_size if kv_caches else 0
+        for size in (s for s in WARM_UP_SIZES if s <= num_slots):
+            slots = torch.arange(size, device=device)
+            metadata = AttentionMetadata(
+                slot_mapping=slots,
+                block_tables=(slots // block_size).to(torch.int32).view(size, 1),
+                seq_lens=torch.ones(size, dtype=torch.int32, device=device),
+                query_start_loc=torch.arange(size + 1, dtype=torch.int32, device=device),
+                query_lens_cpu=[1] * size,
+                seq_lens_cpu=[1] * size,
+                max_query_len=1,
+                max_seq_len=1,
+                block_size=block_size,
+                is_decode_only=True,
+            )
+            with torch.inference_mode():
+                self(torch.zeros(size, dtype=torch.long, device=device), torch.zeros_like(slots), kv_caches, metadata)
+        elapsed = time.perf_counter() - start
+        logger.info("compiled the model with torch.compile in %.1f s (--enforce-eager skips this)", elapsed)
+        return elapsed
