@@ -38,7 +38,11 @@ def load_tokenizer():
     return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def bench_backend(cls, tokenizer, vocab_size: int, repeats: int) -> dict[str, float]:
+def bench_backend(cls, tokenizer, vocab_size: int, repeats: int, schema: dict | None = None,
+                  tokens: list[int] | None = None) -> dict[str, float]:
+    """Compile `schema` (default SCHEMA) `repeats` times, then walk `tokens` (default: INSTANCE and
+    EOS), timing the mask before each token; AssertionError if the backend rejects a token."""
+    schema = SCHEMA if schema is None else schema
     start = time.perf_counter()
     backend = cls(tokenizer, vocab_size)
     setup_s = time.perf_counter() - start
@@ -46,14 +50,15 @@ def bench_backend(cls, tokenizer, vocab_size: int, repeats: int) -> dict[str, fl
     compiled = None
     for i in range(repeats):
         # a fresh description each time defeats the libraries' own compile caches
-        schema = dict(SCHEMA, description=f"run {i} {time.time_ns()}")
-        constraint = GuidedConstraint("json", json.dumps(schema))
+        fresh = dict(schema, description=f"run {i} {time.time_ns()}")
+        constraint = GuidedConstraint("json", json.dumps(fresh))
         start = time.perf_counter()
         reason = backend.unsupported_reason(constraint)
         assert reason is None, reason
         compiled = backend.compile(constraint)
         compile_ms.append((time.perf_counter() - start) * 1e3)
-    tokens = tokenizer.encode(INSTANCE, add_special_tokens=False) + [tokenizer.eos_token_id]
+    if tokens is None:
+        tokens = tokenizer.encode(INSTANCE, add_special_tokens=False) + [tokenizer.eos_token_id]
     bitmask = torch.zeros((1, (vocab_size + 31) // 32), dtype=torch.int32)
     passes: list[list[float]] = []
     for _ in range(repeats):

@@ -154,9 +154,11 @@ class EngineCore:
         runner_output = self.runner.execute(scheduler_output)
         outputs += self.scheduler.update_from_output(scheduler_output, runner_output)
         if self.guided is not None:
-            broken = self.guided.advance(outputs)
+            broken, complete = self.guided.advance(outputs)
             if broken:
                 self.scheduler.finish_requests(broken, RequestStatus.FINISHED_ABORTED)
+            if complete:
+                self.scheduler.finish_requests(complete, RequestStatus.FINISHED_STOPPED)
         self.num_steps += 1
         self.last_step_time = time.monotonic()
         return outputs

@@ -69,10 +69,12 @@ class GuidedRequests:
         bitmask, rows = self.manager.grammar_bitmask(sampling)
         return dataclasses.replace(out, grammar_bitmask=bitmask, structured_output_rows=rows)
 
-    def advance(self, outputs: list[EngineCoreOutput]) -> list[str]:
-        """Feed sampled tokens to the grammars; returns requests whose token broke the grammar
-        (they are finished as aborted rather than allowed to emit unconstrained text)."""
-        broken = []
+    def advance(self, outputs: list[EngineCoreOutput]) -> tuple[list[str], list[str]]:
+        """Feed sampled tokens to the grammars. Returns (broken, complete): requests whose token
+        broke the grammar (finished as aborted rather than allowed to emit unconstrained text),
+        and requests whose grammar has ended but that did not stop, as with `ignore_eos` or
+        `min_tokens` (finished as stopped: nothing may follow a complete constraint)."""
+        broken, complete = [], []
         for output in outputs:
             if not self.manager.has_request(output.request_id):
                 continue
@@ -81,9 +83,12 @@ class GuidedRequests:
                     broken.append(output.request_id)
                     output.finish_reason, output.stop_reason = "abort", "token outside the grammar"
                     break
+            if not output.finished and self.manager.is_terminated(output.request_id):
+                complete.append(output.request_id)
+                output.finish_reason = "stop"
             if output.finished:
                 self.manager.remove(output.request_id)
-        return broken
+        return broken, complete
 
     def remove(self, request_ids: list[str]) -> None:
         for request_id in request_ids:

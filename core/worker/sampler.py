@@ -143,6 +143,14 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[list[int], dict[
     if batch.grammar_bitmask is not None:
         logits = logits.clone() if logits is raw_logits else logits
         apply_token_bitmask_(logits, batch.grammar_bitmask, batch.grammar_rows or [])
+        if batch.logit_bias is not None:
+            # A bias that bans every token the grammar allows (min_tokens banning EOS after the
+            # grammar ended, say) yields to the grammar: the constraint is never broken.
+            is_dead = torch.isneginf(logits).all(dim=-1)
+            if bool(is_dead.any()):
+                grammar_only = raw_logits.clone()
+                apply_token_bitmask_(grammar_only, batch.grammar_bitmask, batch.grammar_rows or [])
+                logits = torch.where(is_dead.unsqueeze(1), grammar_only, logits)
     if batch.output_token_counts is not None:
         logits = _apply_penalties(logits, batch)
     greedy_tokens = logits.argmax(dim=-1)
