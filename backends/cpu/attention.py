@@ -61,9 +61,12 @@ def _decode_matmul(
     return (probs @ values).view(num_reqs, num_heads, head_dim)
 
 
-def _slots(table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
-    """Cache slots of positions [0, length) of a sequence with block table `table`."""
+def _slots(table: torch.Tensor, length: int, block_size: int, seq_len: int | None = None) -> torch.Tensor:
+    """Cache slots of positions [0, length) of a sequence with block table `table`. Positions at
+    or past `seq_len` (padding) repeat the last real slot, so padding never reads unwritten memory."""
     positions = torch.arange(length, device=table.device)
+    if seq_len is not None:
+        positions = positions.clamp(max=seq_len - 1)
     return table.long()[positions // block_size] * block_size + positions % block_size
 
 
@@ -76,8 +79,10 @@ class CpuAttentionBackend(AttentionBackend):
     def allocate_kv_cache(
         self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: Any, device: Any
     ) -> torch.Tensor:
-        # (2, num_blocks, block_size, num_kv_heads, head_dim): index 0 keys, 1 values
-        return torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+        # (2, num_blocks, block_size, num_kv_heads, head_dim): index 0 keys, 1 values. Left
+        # uninitialized, so the OS backs a block with memory only once it is first written: every
+        # slot is written before anything reads it, and no path reads past a sequence's length.
+        return torch.empty(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
 
     def forward(
         self,
@@ -137,7 +142,12 @@ class CpuAttentionBackend(AttentionBackend):
         )
         if decodes and self.kernels is None:
             max_len = max(plan.decode_seq_lens_cpu)
-            plan.gather_slots = torch.stack([_slots(table, max_len, block_size) for table in plan.decode_tables])
+            plan.gather_slots = torch.stack(
+                [
+                    _slots(table, max_len, block_size, seq_len)
+                    for table, seq_len in zip(plan.decode_tables, plan.decode_seq_lens_cpu, strict=True)
+                ]
+            )
             lengths = plan.decode_seq_lens.long().view(-1, 1, 1, 1)
             plan.gather_mask = torch.arange(max_len).view(1, 1, 1, -1) < lengths
         return plan

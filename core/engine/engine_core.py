@@ -57,6 +57,7 @@ class EngineCore:
         self.guided = GuidedRequests.create(config.decoding, plugins, loaded.tokenizer, loaded.vocab_size)
         self.num_steps = 0
         self.last_step_time = time.monotonic()
+        self.platform.release_host_memory()
         logger.info(
             "engine ready: %s, %d KV blocks of %d tokens (%d swap blocks), max_model_len %d",
             loaded.model_path, num_blocks, config.cache.block_size, num_swap_blocks, loaded.max_model_len,

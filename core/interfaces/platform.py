@@ -47,3 +47,6 @@ class Platform(ABC):
 
     def synchronize(self) -> None:
         """Called where host code must wait for the device (timing, tests)."""
+
+    def release_host_memory(self) -> None:
+        """Called once start-up (loading, compiling) is done: hand freed host memory back to the OS."""

@@ -40,7 +40,7 @@ class ModelRunner:
         ]
         # swap space lives in host memory: (2, num_swap_blocks, block_size, kv_heads, head_dim)
         self.swap_caches = [
-            torch.zeros(2, num_swap_blocks, block_size, num_kv_heads, head_dim, dtype=self.dtype)
+            torch.empty(2, num_swap_blocks, block_size, num_kv_heads, head_dim, dtype=self.dtype)
             for _ in range(num_layers if num_swap_blocks else 0)
         ]
         self.requests: dict[str, RequestState] = {}

@@ -93,6 +93,7 @@ def test_paged_attention_matches_dense_attention(dtype, use_kernel):
     heads, kv_heads, dim, block = 4, 2, 8, 16
     backend = _backend(use_kernel)
     cache = backend.allocate_kv_cache(8, block, kv_heads, dim, dtype, "cpu")
+    cache.fill_(float("nan"))  # the cache starts uninitialized: no path may read a slot before writing it
     tables = [[5, 2], [3, 6]]
     full = [torch.randn(n, heads + 2 * kv_heads, dim, generator=gen).to(dtype) for n in (22, 25)]
 
