@@ -85,7 +85,7 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
     Unsupported("--skip-tokenizer-init", "running without a tokenizer (token-id prompts only) is not built"),
     Unsupported("--code-revision", "remote model code revisions are not built"),
     Unsupported("--tokenizer-revision", "models load from a local path or the local Hugging Face cache; selecting a tokenizer revision is not built"),
-    Unsupported("--tokenizer-mode", "only 'auto' (the fast tokenizer) is built", lambda v: v != "auto"),
+    Unsupported("--tokenizer-mode", "slow (Python) tokenizers are not built; use auto or mistral", lambda v: v == "slow"),
     Unsupported("--config-format", "only Hugging Face configs are read; 'mistral' is not built", lambda v: v == "mistral"),
     Unsupported("--download-dir", "weights are never downloaded; pass a local path or use the Hugging Face cache (HF_HOME)"),
     Unsupported("--limit-mm-per-prompt", "multimodal inputs are not built yet"),
@@ -262,6 +262,10 @@ def check_supported(ns: argparse.Namespace, plugins: PluginSet | None = None) ->
         raise ConfigError(
             "--enable-auto-tool-choice needs --tool-call-parser NAME", param="--tool-call-parser"
         )
+    if ns.tokenizer_mode == "mistral":
+        from tessera.api.chat_template import check_no_chat_template
+
+        check_no_chat_template(ns.chat_template)
     if plugins is not None:
         for flag, spec in REGISTRY_FLAGS.items():
             value = getattr(ns, options[flag].dest)

@@ -65,6 +65,16 @@ def compile_template(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
+def check_no_chat_template(option: str | None) -> None:
+    """A tokenizer that encodes chat itself (--tokenizer-mode mistral) takes no template."""
+    if option is not None:
+        raise ConfigError(
+            "--chat-template cannot be used with --tokenizer-mode mistral: mistral-common encodes chat "
+            "requests itself. Remove --chat-template, or serve with --tokenizer-mode auto to use a template.",
+            param="chat_template",
+        )
+
+
 def _tokenizer_templates(tokenizer: Any) -> dict[str, str]:
     """The tokenizer's templates by name ('default', 'tool_use', ...)."""
     template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
@@ -148,6 +158,13 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def check_generation_flags(add_generation_prompt: bool, continue_final_message: bool) -> None:
+    if add_generation_prompt and continue_final_message:
+        raise InvalidRequestError(
+            "add_generation_prompt and continue_final_message cannot both be true", param="continue_final_message"
+        )
+
+
 def render_chat(
     template: str,
     messages: list[dict[str, Any]],
@@ -160,10 +177,7 @@ def render_chat(
     special_tokens: dict[str, str | None] | None = None,
 ) -> str:
     """Render the conversation; any template failure is the request's fault (400), never a 500."""
-    if add_generation_prompt and continue_final_message:
-        raise InvalidRequestError(
-            "add_generation_prompt and continue_final_message cannot both be true", param="continue_final_message"
-        )
+    check_generation_flags(add_generation_prompt, continue_final_message)
     messages = normalize_messages(messages)
     if continue_final_message and (not messages or not isinstance(messages[-1].get("content"), str)):
         raise InvalidRequestError(

@@ -301,7 +301,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "--tokenizer-mode",
         default="auto",
         choices=["auto", "slow", "mistral"],
-        help="Tokenizer mode.",
+        help="Tokenizer mode: auto (the model's Hugging Face tokenizer and chat template) or mistral "
+        "(the model folder's mistral-common tokenizer file, tekken.json or tokenizer.model.vN, which "
+        "also encodes chat requests; no --chat-template).",
     )
     group.add_argument(
         "--trust-remote-code", action="store_true", help="Trust remote code from Hugging Face."

@@ -18,7 +18,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import tessera
-from tessera.api.chat_template import resolve_chat_template
+from tessera.api.chat_template import check_no_chat_template, resolve_chat_template
 from tessera.api.errors import error_response, install_error_handlers
 from tessera.api.metrics import CONTENT_TYPE, ServerMetrics, StatsLogger
 from tessera.api.protocol import (
@@ -36,6 +36,7 @@ from tessera.api.serving_models import ServingModels
 from tessera.api.serving_tokenize import ServingTokenize
 from tessera.core.engine.client import EngineClient
 from tessera.core.errors import ConfigError, EngineDeadError, ModelNotFoundError, TesseraError
+from tessera.core.interfaces.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -120,9 +121,13 @@ def build_app(engine: EngineClient, server_config: ServerConfig) -> FastAPI:
         return_tokens_as_token_ids=cfg.return_tokens_as_token_ids, metrics=metrics,
         log_requests=not cfg.disable_log_requests, max_log_len=cfg.max_log_len,
     )
-    template = resolve_chat_template(cfg.chat_template, info.chat_template, info.tokenizer)
-    if template is None:
-        logger.warning("the model has no chat template: chat requests will get 400 until --chat-template is set")
+    if isinstance(info.tokenizer, Tokenizer):  # --tokenizer-mode mistral: it encodes chat itself
+        check_no_chat_template(cfg.chat_template)
+        template = None
+    else:
+        template = resolve_chat_template(cfg.chat_template, info.chat_template, info.tokenizer)
+        if template is None:
+            logger.warning("the model has no chat template: chat requests will get 400 until --chat-template is set")
     chat = ServingChat(ctx, ChatSettings(
         chat_template=template, response_role=cfg.response_role,
         trust_request_chat_template=cfg.trust_request_chat_template,

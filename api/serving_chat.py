@@ -11,7 +11,12 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from tessera.api.chat_template import NO_TEMPLATE_MESSAGE, render_chat, special_tokens_of
+from tessera.api.chat_template import (
+    NO_TEMPLATE_MESSAGE,
+    check_generation_flags,
+    render_chat,
+    special_tokens_of,
+)
 from tessera.api.chat_tools import ToolCallFormatter, ToolPlan, plan_tools
 from tessera.api.errors import error_body
 from tessera.api.guided_request import constraint_param, guided_constraint
@@ -47,6 +52,7 @@ from tessera.api.streams import (
     until_disconnect,
 )
 from tessera.core.errors import InvalidRequestError, TesseraError
+from tessera.core.interfaces.tokenizer import Tokenizer
 from tessera.core.outputs import RequestOutput
 from tessera.core.sampling_params import SamplingParams
 
@@ -68,6 +74,35 @@ class ChatSettings:
 class RenderedChat:
     prompt: str
     prompt_ids: list[int]
+
+
+def _encode_with_tokenizer(
+    tokenizer: Tokenizer,
+    messages: list[dict[str, Any]],
+    *,
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+    chat_template: str | None,
+    tools: list[dict[str, Any]] | None,
+    documents: list[dict[str, str]] | None,
+) -> RenderedChat:
+    """`--tokenizer-mode mistral`: the tokenizer (mistral-common) encodes the conversation itself;
+    no template is involved. The prompt always ends ready for the assistant's turn, so
+    add_generation_prompt only matters together with continue_final_message."""
+    if chat_template is not None:
+        raise InvalidRequestError(
+            "chat_template cannot be used with this server: it runs with --tokenizer-mode mistral, where "
+            "mistral-common encodes chat requests itself. Remove chat_template.",
+            param="chat_template",
+        )
+    if documents:
+        raise InvalidRequestError(
+            "documents are not supported with --tokenizer-mode mistral; put them in the messages",
+            param="documents",
+        )
+    check_generation_flags(add_generation_prompt, continue_final_message)
+    ids = tokenizer.encode_chat(messages, tools, continue_final_message=continue_final_message)
+    return RenderedChat(tokenizer.decode(ids, skip_special_tokens=False), ids)
 
 
 class ServingChat:
@@ -104,6 +139,12 @@ class ServingChat:
         tokenizer = self.ctx.require_tokenizer("chat")
         if not messages:
             raise InvalidRequestError("messages: must contain at least one message", param="messages")
+        if isinstance(tokenizer, Tokenizer):
+            return _encode_with_tokenizer(
+                tokenizer, messages, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, chat_template=chat_template, tools=tools,
+                documents=documents,
+            )
         prompt = render_chat(
             self._template(chat_template), messages,
             add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,

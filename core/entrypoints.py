@@ -15,6 +15,7 @@ from tessera.core.engine.engine_core import EngineCore
 from tessera.core.engine.input_processor import InputProcessor
 from tessera.core.engine.output_processor import OutputProcessor, child_request_ids
 from tessera.core.errors import InvalidRequestError
+from tessera.core.interfaces.tokenizer import Tokenizer
 from tessera.core.outputs import RequestOutput
 from tessera.core.sampling_params import SamplingParams
 
@@ -104,9 +105,15 @@ class LLM:
         chat_template_kwargs: dict[str, Any] | None = None,
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
-        """Render each conversation with the model's chat template, then generate."""
+        """Render each conversation with the model's chat template (with tokenizer_mode="mistral":
+        encode it with mistral-common), then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tokenizer = self.get_tokenizer()
+        if isinstance(tokenizer, Tokenizer):  # it encodes chat itself
+            if chat_template is not None:
+                raise ValueError("chat_template= cannot be used with tokenizer_mode='mistral': mistral-common encodes chat")
+            encoded: list[Prompt] = [tokenizer.encode_chat(conversation) for conversation in conversations]
+            return self.generate(encoded, sampling_params, use_tqdm=use_tqdm)
         template = chat_template or self.model_info.chat_template
         if template is None:
             raise ValueError("this model has no chat template; pass chat_template=")

@@ -110,3 +110,50 @@ def save_model(path: str, variant: str = "llama", save_format: str = "safetensor
         raise ValueError(f"save_format must be safetensors or pt, not {save_format!r}")
     save_tokenizer(path)
     return path
+
+
+# mistral-common ships these tokenizer files in mistral_common/data/.
+MISTRAL_TOKENIZER_FILES = {
+    "v3": "mistral_instruct_tokenizer_240323.model.v3",  # sentencepiece, 32768 tokens
+    "v7": "mistral_instruct_tokenizer_241114.model.v7",  # sentencepiece, system prompts in their own tokens
+    "tekken": "tekken_240718.json",  # tiktoken-based, cut below to keep the test model small
+}
+_TEKKEN_VOCAB = 2000  # tokens kept after tekken's 1000 special ones
+
+
+def save_mistral_tokenizer(path: str, kind: str = "v3") -> str:
+    """Put the `kind` mistral-common tokenizer file in folder `path` under the name a Mistral
+    checkpoint gives it (tokenizer.model.v3, tekken.json); tekken's vocabulary is cut to its first
+    2000 ordinary tokens. Returns the file's path."""
+    import json
+    import shutil
+
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    source = os.path.join(str(MistralTokenizer._data_path()), MISTRAL_TOKENIZER_FILES[kind])
+    os.makedirs(path, exist_ok=True)
+    if kind != "tekken":
+        target = os.path.join(path, f"tokenizer.model.{kind}")
+        shutil.copyfile(source, target)
+        return target
+    with open(source, encoding="utf-8") as f:
+        data = json.load(f)
+    data["vocab"] = data["vocab"][:_TEKKEN_VOCAB]
+    data["config"]["num_vocab_tokens"] = _TEKKEN_VOCAB
+    data["config"]["default_vocab_size"] = data["config"]["default_num_special_tokens"] + _TEKKEN_VOCAB
+    target = os.path.join(path, "tekken.json")
+    with open(target, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+    return target
+
+
+def save_mistral_model(path: str, kind: str = "v3", seed: int = 0) -> str:
+    """A tiny random Mistral model whose vocabulary is the `kind` mistral-common tokenizer's, with
+    that tokenizer file (and no Hugging Face tokenizer) in the folder."""
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    tokenizer_file = save_mistral_tokenizer(path, kind)
+    vocab_size = MistralTokenizer.from_file(tokenizer_file).instruct_tokenizer.tokenizer.n_words
+    model = build_model(tiny_config("mistral", vocab_size=vocab_size, max_position_embeddings=1024), seed=seed)
+    model.save_pretrained(path)
+    return path

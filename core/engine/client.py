@@ -33,7 +33,7 @@ class ModelInfo:
     model_path: str
     max_model_len: int
     vocab_size: int
-    tokenizer: Any  # a transformers tokenizer (None with --skip-tokenizer-init)
+    tokenizer: Any  # a transformers tokenizer or a core.interfaces.Tokenizer (None with --skip-tokenizer-init)
     chat_template: str | None
     eos_token_ids: tuple[int, ...]
     dtype: str

@@ -1,4 +1,4 @@
-"""The abstract interface of every plugin kind; each method says when the core calls it."""
+"""The abstract interface of every plugin kind (and of the non-transformers tokenizers loaders return)."""
 
 from tessera.core.interfaces.attention import AttentionBackend, AttentionMetadata
 from tessera.core.interfaces.guided import Grammar, GuidedConstraint, GuidedDecodingBackend
@@ -6,6 +6,7 @@ from tessera.core.interfaces.model import ModelArchitecture
 from tessera.core.interfaces.platform import Platform
 from tessera.core.interfaces.quantization import LinearMethod, QuantizationMethod
 from tessera.core.interfaces.reasoning import ReasoningParser
+from tessera.core.interfaces.tokenizer import Tokenizer
 from tessera.core.interfaces.tool_parser import (
     DeltaToolCall,
     ExtractedToolCalls,
@@ -29,6 +30,7 @@ __all__ = [
     "Platform",
     "QuantizationMethod",
     "ReasoningParser",
+    "Tokenizer",
     "ToolCall",
     "ToolParser",
     "ToolParserDelta",

@@ -13,7 +13,7 @@ class LoadedModelFiles:
     """What a loader found at a model location."""
 
     hf_config: Any  # transformers.PretrainedConfig
-    tokenizer: Any | None  # transformers tokenizer (None with --skip-tokenizer-init)
+    tokenizer: Any | None  # a transformers tokenizer or a core.interfaces.Tokenizer (None with --skip-tokenizer-init)
     chat_template: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

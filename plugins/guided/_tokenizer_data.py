@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from tessera.core.interfaces.tokenizer import Tokenizer
+
 T = TypeVar("T")
 
 # JSON whitespace allowed between tokens when the request gives no guided_whitespace_pattern.
@@ -110,16 +112,19 @@ def _token_bytes(tokenizer: Any, vocab_type: str, special: set[int]) -> list[byt
 
 
 def build_tokenizer_data(tokenizer: Any) -> TokenizerData:
-    """Decode every token of a Hugging Face tokenizer to the exact bytes it contributes."""
-    decoders = _decoder_types(tokenizer)
-    if "ByteLevel" in decoders:
-        vocab_type = "byte_level"
-    elif "ByteFallback" in decoders or "Metaspace" in decoders:
-        vocab_type = "byte_fallback"
-    else:
-        vocab_type = "raw"
+    """Decode every token of a tokenizer to the exact bytes it contributes."""
     special = _special_ids(tokenizer)
-    token_bytes = _token_bytes(tokenizer, vocab_type, special)
+    if isinstance(tokenizer, Tokenizer):  # not a transformers one (mistral-common): it knows its bytes
+        vocab_type, token_bytes = "raw", tokenizer.token_bytes()
+    else:
+        decoders = _decoder_types(tokenizer)
+        if "ByteLevel" in decoders:
+            vocab_type = "byte_level"
+        elif "ByteFallback" in decoders or "Metaspace" in decoders:
+            vocab_type = "byte_fallback"
+        else:
+            vocab_type = "raw"
+        token_bytes = _token_bytes(tokenizer, vocab_type, special)
     eos = getattr(tokenizer, "eos_token_id", None)
     eos_ids = tuple(e for e in ([eos] if isinstance(eos, int) else list(eos or [])) if 0 <= e < len(token_bytes))
     if not eos_ids:

@@ -39,6 +39,9 @@ def _to_grammar(kind: str, spec: str, whitespace: str | None) -> str:
     raise ValueError(f"unknown constraint kind {kind!r}")
 
 
+_SENTINEL = "\n"  # a character no tokenizer merges with the text after it
+
+
 class _TokenizerAdapter:
     """What llguidance's TokenizerWrapper reads: the exact token bytes and an encode function."""
 
@@ -50,11 +53,27 @@ class _TokenizerAdapter:
         self.tokens = list(data.token_bytes) + [b""] * num_padding
         self.special_token_ids = sorted(data.special_ids) + list(range(data.num_tokens, data.num_tokens + num_padding))
         self._tokenizer = tokenizer
+        self._sentinel_ids = self._encode(_SENTINEL)
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=False))
 
     def __call__(self, text: str | bytes) -> list[int]:
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
-        return list(self._tokenizer.encode(text, add_special_tokens=False))
+        ids = self._encode(text)
+        if self._bytes_of(ids) == text.encode("utf-8"):
+            return ids
+        # sentencepiece tokenizers put a space before what they encode ("Paris" -> "▁Paris"):
+        # encode after a sentinel and drop its tokens, so the ids spell exactly `text`
+        after = self._encode(_SENTINEL + text)
+        count = len(self._sentinel_ids)
+        if after[:count] == self._sentinel_ids and self._bytes_of(after[count:]) == text.encode("utf-8"):
+            return after[count:]
+        return ids
+
+    def _bytes_of(self, ids: list[int]) -> bytes:
+        return b"".join(self.tokens[t] if 0 <= t < len(self.tokens) else b"" for t in ids)
 
 
 class LLGuidanceGrammar(GrammarBase):

@@ -51,14 +51,19 @@ def load_hf_config(path: str, model_config: Any) -> Any:
 
 
 def load_hf_tokenizer(path: str, model_config: Any) -> Any | None:
-    """The tokenizer from `--tokenizer` (a local path or a cached hub name) or the model folder;
+    """The tokenizer from `--tokenizer` (a local path or a cached hub name) or the model folder:
+    transformers', or with `--tokenizer-mode mistral` the folder's mistral-common tokenizer file;
     None with `--skip-tokenizer-init`."""
     if getattr(model_config, "skip_tokenizer_init", False):
         return None
-    from transformers import AutoTokenizer
-
     source = getattr(model_config, "tokenizer", None)
     location = resolve_model_path(source, getattr(model_config, "tokenizer_revision", None)) if source else path
+    if getattr(model_config, "tokenizer_mode", "auto") == "mistral":
+        from tessera.plugins.loaders.mistral_tokenizer import load_mistral_tokenizer
+
+        return load_mistral_tokenizer(location)
+    from transformers import AutoTokenizer
+
     if location.endswith(".gguf") and os.path.isfile(location):
         from tessera.plugins.loaders.gguf_loader import gguf_tokenizer
 

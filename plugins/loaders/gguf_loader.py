@@ -3,7 +3,8 @@
 Config: for the llama architecture (Llama, Mistral, SmolLM, TinyLlama, ...) it is built straight
 from the GGUF metadata (milliseconds); other architectures go through transformers'
 `AutoConfig.from_pretrained(folder, gguf_file=...)` (seconds: it re-parses the file).
-Tokenizer: transformers' GGUF tokenizer conversion, fed from one metadata read (under a second).
+Tokenizer: transformers' GGUF tokenizer conversion, fed from one metadata read (under a second);
+with `--tokenizer-mode mistral`, the mistral-common tokenizer file next to the .gguf file.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from tessera.core.errors import ConfigError
+from tessera.core.interfaces.tokenizer import Tokenizer
 from tessera.core.interfaces.weight_loader import LoadedModelFiles, WeightLoader
 from tessera.plugins.loaders.common import load_hf_tokenizer, progress
 from tessera.plugins.loaders.gguf_file import GgufFile
@@ -206,13 +208,16 @@ class GgufLoader(WeightLoader):
     def load_files(self, path: str, model_config: Any) -> LoadedModelFiles:
         gguf = self._open(path)
         hf_config = gguf_config(gguf)
-        if getattr(model_config, "tokenizer", None):
+        if getattr(model_config, "tokenizer", None) or getattr(model_config, "tokenizer_mode", "auto") == "mistral":
             tokenizer = load_hf_tokenizer(path, model_config)
         elif getattr(model_config, "skip_tokenizer_init", False):
             tokenizer = None
         else:
             tokenizer = gguf_tokenizer(gguf.path)
-        chat_template = gguf.metadata.get("tokenizer.chat_template") or getattr(tokenizer, "chat_template", None)
+        if isinstance(tokenizer, Tokenizer):  # it encodes chat itself: the file's template is not used
+            chat_template = None
+        else:
+            chat_template = gguf.metadata.get("tokenizer.chat_template") or getattr(tokenizer, "chat_template", None)
         extra = {"checkpoint_dtype": checkpoint_dtype(gguf), "gguf_file": gguf.path, "quantization": "gguf"}
         return LoadedModelFiles(hf_config=hf_config, tokenizer=tokenizer, chat_template=chat_template, extra=extra)
 
