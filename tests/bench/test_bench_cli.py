@@ -7,15 +7,14 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+from fake_http import JsonHandler, serving
 
 from tessera.api.bench import main as bench_main
 from tessera.api.bench.datasets import random_requests, sample_lengths, sharegpt_requests
@@ -117,17 +116,11 @@ def test_sharegpt_prompts(tmp_path: Any, smollm2_tokenizer: Any) -> None:
 # ---- bench serve against a small real HTTP server -----------------------------------------------
 
 
-class _FakeCompletions(BaseHTTPRequestHandler):
+class _FakeCompletions(JsonHandler):
     """Streams `max_tokens` tokens, two per chunk, and the usage when asked (like vLLM)."""
 
-    bodies: list[dict[str, Any]] = []
-
-    def do_GET(self) -> None:  # noqa: N802
-        self._send_json({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
-
     def do_POST(self) -> None:  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).bodies.append(body)
+        body = self.read_body()
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
@@ -144,27 +137,11 @@ class _FakeCompletions(BaseHTTPRequestHandler):
         self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
         self.wfile.flush()
 
-    def _send_json(self, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
 
 @pytest.fixture
 def fake_server() -> Iterator[str]:
-    _FakeCompletions.bodies = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeCompletions)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(_FakeCompletions) as url:
+        yield url
 
 
 def test_bench_serve_end_to_end(fake_server: str, smollm2_path: str, tmp_path: Any,

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from fake_http import JsonHandler, serving
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
 
@@ -38,42 +36,20 @@ def test_check_output() -> None:
     assert "ended early" in (gt.check_output(PROSE, "stop", 8, 8, is_constrained=False) or "")
 
 
-class _IgnoresConstraints(BaseHTTPRequestHandler):
+class _IgnoresConstraints(JsonHandler):
     """A chat server that answers every request with the same prose, constrained or not."""
 
-    bodies: list[dict[str, Any]] = []
-
-    def do_GET(self) -> None:  # noqa: N802
-        self._send({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
-
     def do_POST(self) -> None:  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).bodies.append(body)
-        self._send({"choices": [{"index": 0, "message": {"role": "assistant", "content": PROSE},
-                                 "finish_reason": "length"}],
-                    "usage": {"prompt_tokens": 9, "completion_tokens": body["max_tokens"]}})
-
-    def _send(self, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+        body = self.read_body()
+        self.send_json({"choices": [{"index": 0, "message": {"role": "assistant", "content": PROSE},
+                                     "finish_reason": "length"}],
+                        "usage": {"prompt_tokens": 9, "completion_tokens": body["max_tokens"]}})
 
 
 @pytest.fixture
 def ignoring_server() -> Iterator[str]:
-    _IgnoresConstraints.bodies = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _IgnoresConstraints)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(_IgnoresConstraints) as url:
+        yield url
 
 
 def test_unconstrained_text_under_a_constraint_is_reported(ignoring_server: str) -> None:
