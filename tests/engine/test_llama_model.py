@@ -197,3 +197,23 @@ def test_unknown_architecture_lists_the_registered_ones(tiny_model_path, tmp_pat
         json.dump(config, f)
     with pytest.raises(UnknownPluginError, match="FooForCausalLM is not supported; registered: .*LlamaForCausalLM"):
         _load(str(folder))
+
+
+@pytest.mark.parametrize("rows", [1, 5, 32, 70])
+def test_prepacked_bf16_lm_head_matches_the_plain_matmul(rows):
+    """The CPU keeps a bf16 LM head in oneDNN's packed layout: same logits as hidden @ W^T."""
+    from tessera.core.layers import LayerContext
+    from tessera.core.layers.embedding import VocabEmbedding
+    from tessera.core.layers.logits import LogitsProcessor
+
+    gen = torch.Generator().manual_seed(0)
+    context = LayerContext(dtype=torch.bfloat16, device=torch.device("cpu"), attention_backend=None)
+    head = VocabEmbedding(1000, 64, context)
+    head.weight.data.copy_(torch.randn(1000, 64, generator=gen))
+    processor = LogitsProcessor(vocab_size=990)
+    hidden = torch.randn(rows, 64, generator=gen).to(torch.bfloat16)
+    logits = processor(head, hidden)
+    assert processor._packed is not None  # the packed path ran
+    expected = (hidden @ head.weight.t())[:, :990].float()
+    assert logits.shape == (rows, 990) and logits.dtype == torch.float32
+    torch.testing.assert_close(logits, expected, rtol=2e-2, atol=2e-2)
