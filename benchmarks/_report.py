@@ -91,6 +91,16 @@ def save_json(stem: str, data: Any) -> str:
     return path
 
 
+def publish(stem: str, data: Any, text: str, section: str | None) -> None:
+    """Save the raw results as JSON, print the report, and write it into the docs' `section`
+    (None: leave the docs alone)."""
+    path = save_json(stem, data)
+    print(text)
+    print(f"raw results: {path}")
+    if section is not None:
+        write_section(section, text)
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]

@@ -255,12 +255,8 @@ def main() -> int:
         "scenarios": [dataclasses.asdict(s) for s in SCENARIOS],
         "notes": notes,
     }
-    path = _report.save_json("peers", {"meta": meta, "results": all_results})
-    text = report(all_results, meta)
-    print(text)
-    print(f"raw results: {path}")
-    if not args.no_doc:
-        _report.write_section("peers", text)
+    _report.publish("peers", {"meta": meta, "results": all_results}, report(all_results, meta),
+                    None if args.no_doc else "peers")
     return 0
 
 

@@ -299,12 +299,8 @@ def main() -> int:
     finally:
         meta["server_memory"] = server.stop()
     masks = mask_times(backends, result["texts"], args.max_tokens, args.mask_repeats)
-    path = _report.save_json("guided", {"meta": meta, "result": result, "masks": masks})
-    text = report(result, masks, meta)
-    print(text)
-    print(f"raw results: {path}")
-    if args.write_docs:
-        _report.write_section(SECTION, text)
+    _report.publish("guided", {"meta": meta, "result": result, "masks": masks}, report(result, masks, meta),
+                    SECTION if args.write_docs else None)
     return 1 if result["errors"] else 0
 
 

@@ -129,12 +129,8 @@ def main() -> int:
         "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
         "command": " ".join([os.path.relpath(sys.executable, _report.REPO), *sys.argv]),
     }
-    path = _report.save_json("offline_vs_hf", {"meta": meta, "rows": rows})
-    text = report(rows, meta)
-    print(text)
-    print(f"raw results: {path}")
-    if not args.no_doc:
-        _report.write_section("offline", text)
+    _report.publish("offline_vs_hf", {"meta": meta, "rows": rows}, report(rows, meta),
+                    None if args.no_doc else "offline")
     return 0
 
 
