@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.core.interfaces.quantization import LinearMethod
-from tessera.core.layers import LayerContext, divide
+from tessera.core.layers import LayerContext, divide, onednn
 
 
 class UnquantizedLinearMethod(LinearMethod):
-    """Plain dense weights in the model dtype: y = x W^T + b."""
+    """Plain dense weights in the model dtype: y = x W^T + b. A bf16 weight on the CPU is
+    re-laid out once after loading for oneDNN (core/layers/onednn.py)."""
 
     def create_weights(self, layer: Any, input_size: int, output_size: int, dtype: Any) -> None:
         weight = nn.Parameter(
@@ -31,7 +32,14 @@ class UnquantizedLinearMethod(LinearMethod):
         weight.input_dim = 1  # type: ignore[attr-defined]
         layer.register_parameter("weight", weight)
 
+    def process_weights_after_loading(self, layer: Any) -> None:
+        layer.weight_packed = onednn.can_prepack(layer.weight)
+        if layer.weight_packed:
+            layer.weight = nn.Parameter(onednn.prepack(layer.weight), requires_grad=False)
+
     def apply(self, layer: Any, x: Any, bias: Any | None) -> Any:
+        if getattr(layer, "weight_packed", False):
+            return onednn.packed_linear(x, layer.weight, bias)
         return F.linear(x, layer.weight, bias)
 
 

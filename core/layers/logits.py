@@ -5,19 +5,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tessera.core.layers import onednn
 from tessera.core.layers.embedding import VocabEmbedding
-
-
-def _can_prepack(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
 
 
 class LogitsProcessor(nn.Module):
     """logits = soft_cap(scale * hidden @ W^T), cut to the real vocabulary size.
 
     On a CPU with a bf16 LM head, W is also kept in oneDNN's blocked layout (packed on first use,
-    once the weights are loaded): the same arithmetic, ~1.8x faster for the 28 M-parameter head
-    of a small model at 1-64 rows (docs/benchmarks.md), for one more copy of the head in memory.
+    once the weights are loaded; core/layers/onednn.py): the same arithmetic, ~1.8x faster for the
+    28 M-parameter head of a small model at 1-64 rows (docs/benchmarks.md), for one more copy of
+    the head in memory (the plain one stays: the head is often the input embedding too).
     """
 
     def __init__(self, vocab_size: int, scale: float = 1.0, soft_cap: float | None = None) -> None:
@@ -28,11 +26,11 @@ class LogitsProcessor(nn.Module):
         self._packed: tuple[torch.Tensor, torch.Tensor] | None = None  # (weight, its packed form)
 
     def _matmul(self, weight: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        if not _can_prepack(weight) or hidden_states.dtype != weight.dtype:
+        if not onednn.can_prepack(weight) or hidden_states.dtype != weight.dtype:
             return hidden_states @ weight.t()
         if self._packed is None or self._packed[0] is not weight:
-            self._packed = (weight, torch.ops.mkldnn._reorder_linear_weight(weight, 32))
-        return torch.ops.mkldnn._linear_pointwise(hidden_states, self._packed[1], None, "none", [], "")
+            self._packed = (weight, onednn.prepack(weight))
+        return onednn.packed_linear(hidden_states, self._packed[1])
 
     def forward(self, lm_head: VocabEmbedding, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = self._matmul(lm_head.weight, hidden_states)  # (num_rows, rows_per_rank)

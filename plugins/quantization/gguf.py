@@ -2,8 +2,8 @@
 
 Small batches (decode) are memory-bandwidth bound, so they multiply with the 4-bit weights through
 `aten._weight_int4pack_mm_for_cpu`; larger batches are compute bound, where oneDNN's bf16 GEMM on
-a dequantized copy wins. A layer therefore keeps both (about 1.3x the bf16 footprint) and picks per
-call by the number of rows. Layers whose GGUF tensors are another type (or not on the CPU) keep
+a dequantized copy (pre-packed for oneDNN, core/layers/onednn.py) wins. A layer therefore keeps
+both (about 1.3x the bf16 footprint) and picks per call by the number of rows. Layers whose GGUF tensors are another type (or not on the CPU) keep
 only the dequantized weight. Measurements and the crossover are in docs/quantization.md.
 
 The GGUF loader fills two extra parameters per packable matrix when this method is active:
@@ -17,16 +17,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tessera.core.interfaces.quantization import LinearMethod, QuantizationMethod
 from tessera.core.layers.linear import UnquantizedLinearMethod
 
 GROUP_SIZE = 32  # GGUF Q4_0 / Q4_1 block size
-# At most this many rows go through the int4 kernel; above it the bf16 GEMM is faster (measured
-# on a 2-core x86 CPU, see docs/quantization.md).
-MAX_INT4_ROWS = 16
+# At most this many rows go through the int4 kernel; above it the pre-packed bf16 GEMM is faster
+# (measured on a 2-core x86 CPU, see docs/quantization.md).
+MAX_INT4_ROWS = 8
 
 
 def int4_pack(qweight: torch.Tensor, scales_zeros: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,9 +49,10 @@ class GgufLinearMethod(LinearMethod):
 
     def __init__(self, max_int4_rows: int = MAX_INT4_ROWS) -> None:
         self.max_int4_rows = max_int4_rows
+        self.dense = UnquantizedLinearMethod()
 
     def create_weights(self, layer: Any, input_size: int, output_size: int, dtype: Any) -> None:
-        UnquantizedLinearMethod().create_weights(layer, input_size, output_size, dtype)
+        self.dense.create_weights(layer, input_size, output_size, dtype)
         layer.int4_weight = None
         if torch.device(layer.device).type != "cpu" or input_size % GROUP_SIZE:
             return
@@ -67,13 +67,14 @@ class GgufLinearMethod(LinearMethod):
     def process_weights_after_loading(self, layer: Any) -> None:
         qweight = layer._parameters.pop("qweight", None)
         scales_zeros = layer._parameters.pop("scales_zeros", None)
-        if qweight is None or scales_zeros is None or bool(torch.isnan(scales_zeros).any()):
-            return  # not every shard was Q4_0 / Q4_1: only the dequantized weight is used
-        layer.int4_weight = int4_pack(qweight.data, scales_zeros.data, layer.weight.dtype)
+        if qweight is not None and scales_zeros is not None and not bool(torch.isnan(scales_zeros).any()):
+            layer.int4_weight = int4_pack(qweight.data, scales_zeros.data, layer.weight.dtype)
+        # else not every shard was Q4_0 / Q4_1: only the dequantized weight is used
+        self.dense.process_weights_after_loading(layer)
 
     def apply(self, layer: Any, x: Any, bias: Any | None) -> Any:
         if layer.int4_weight is None or x.numel() > self.max_int4_rows * x.shape[-1]:
-            return F.linear(x, layer.weight, bias)
+            return self.dense.apply(layer, x, bias)
         y = int4_linear(x, *layer.int4_weight, layer.weight.shape[0])
         return y if bias is None else y + bias
 

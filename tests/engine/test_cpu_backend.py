@@ -118,22 +118,32 @@ def test_paged_attention_matches_dense_attention(dtype, use_kernel):
         torch.testing.assert_close(out.float(), expected, rtol=0, atol=tol)
 
 
+SHAPES = {  # (query heads, KV heads, head dim, block size, sequence lengths)
+    "smollm2": (9, 3, 64, 16, [1, 17, 40, 130, 257]),  # the default model's layout
+    "dim128-block32": (4, 1, 128, 32, [1, 33, 70]),
+    "dim80-block8": (6, 2, 80, 8, [5, 23, 100]),  # head dim without an unrolled loop; small blocks
+    "dim24-one-request": (2, 2, 24, 16, [300]),  # scalar tails; one request split by KV head
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_decode_attention_over_scattered_blocks(dtype, use_kernel):
-    """SmolLM2's head layout (9 query heads on 3 KV heads, dim 64); five decoding requests of
-    different lengths whose blocks are scattered over the cache, some ending mid-block."""
+def test_decode_attention_over_scattered_blocks(dtype, use_kernel, shape):
+    """Decoding requests of different lengths whose blocks are scattered over the cache, some
+    ending mid-block, for several head layouts."""
     gen = torch.Generator().manual_seed(1)
-    heads, kv_heads, dim, block, num_blocks = 9, 3, 64, 16, 64
+    heads, kv_heads, dim, block, lengths = shape
+    num_blocks = sum(-(-n // block) for n in lengths) + 4
+    width = max(-(-n // block) for n in lengths) + 1  # block table columns
     backend = _backend(use_kernel)
     cache = backend.allocate_kv_cache(num_blocks, block, kv_heads, dim, dtype, "cpu")
     cache.copy_(torch.randn(cache.shape, generator=gen).to(dtype))
-    lengths = [1, 17, 40, 130, 257]
     order = torch.randperm(num_blocks, generator=gen).tolist()
     tables, used = [], 0
     for n in lengths:
         count = -(-n // block)
-        tables.append(order[used : used + count] + [0] * (17 - count))
+        tables.append(order[used : used + count] + [0] * (width - count))
         used += count
     query = torch.randn(len(lengths), heads, dim, generator=gen).to(dtype)
     new_kv = torch.randn(2, len(lengths), kv_heads, dim, generator=gen).to(dtype)
