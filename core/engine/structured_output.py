@@ -7,12 +7,13 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tessera.core.errors import InvalidRequestError
 from tessera.core.interfaces.guided import Grammar, GuidedConstraint, GuidedDecodingBackend
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +190,9 @@ class StructuredOutputManager:
         if not rows:
             return None, {}
         words = (self.vocab_size + 31) // 32
+        import torch  # here, not at the top: the API process validates constraints with this module
+        # and stays free of torch (~200 MB) until a backend library needs it
+
         bitmask = torch.zeros((len(grammars), words), dtype=torch.int32)  # fresh: steps may overlap
         for row, grammar in enumerate(grammars):
             if grammar is None:  # failed compile: nothing allowed but EOS (fail closed)
