@@ -1,0 +1,30 @@
+"""benchmarks/linear_kernels.py and benchmarks/attention_kernels.py run end to end on tiny settings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks")
+
+
+def _run(script: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, os.path.join(BENCHMARKS, script), *args], capture_output=True, text=True, timeout=600, check=True
+    )
+    return result.stdout
+
+
+def test_linear_kernels_prints_one_row_per_row_count() -> None:
+    out = _run("linear_kernels.py", "--rows", "1", "64", "--repeats", "1")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [r.split("|")[1].strip() for r in rows] == ["1", "64"]
+    assert rows[1].rstrip().endswith("| - |")  # no int4 column past decode sizes
+    assert all(float(cell) > 0 for cell in rows[0].split("|")[2:5])
+
+
+def test_attention_kernels_prints_decode_and_prefill_tables() -> None:
+    out = _run("attention_kernels.py", "--repeats", "1")
+    assert "| 32 x 600 |" in out or "decode not measured" in out
+    assert "| 600 |" in out
