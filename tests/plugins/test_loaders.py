@@ -175,7 +175,9 @@ def test_smollm2_gguf_logits_match_transformers(smollm2_pair, smollm2_tokenizer)
         logits = ours.model.compute_logits(ours.model(torch.tensor(ids), torch.arange(n), caches, metadata))
         reference = theirs(torch.tensor([ids])).logits[0]
     assert reference.abs().max() > 5
-    torch.testing.assert_close(logits, reference, rtol=0, atol=1e-4)
+    # fp32 throughout; the prefill runs torch's flash-attention kernel, whose blockwise softmax
+    # sums in another order than transformers' eager attention (differences up to ~1.2e-4 seen)
+    torch.testing.assert_close(logits, reference, rtol=0, atol=3e-4)
     assert torch.equal(logits.argmax(-1), reference.argmax(-1))
 
 
