@@ -190,8 +190,9 @@ class StructuredOutputManager:
         if not rows:
             return None, {}
         words = (self.vocab_size + 31) // 32
-        import torch  # here, not at the top: the API process validates constraints with this module
-        # and stays free of torch (~200 MB) until a backend library needs it
+        # torch is imported here, not at the top: the API process validates constraints with this
+        # module and stays free of torch (~200 MB) until a backend library needs it
+        import torch
 
         bitmask = torch.zeros((len(grammars), words), dtype=torch.int32)  # fresh: steps may overlap
         for row, grammar in enumerate(grammars):

@@ -3,8 +3,8 @@
 Small batches (decode) are memory-bandwidth bound, so they multiply with the 4-bit weights through
 `aten._weight_int4pack_mm_for_cpu`; larger batches are compute bound, where oneDNN's bf16 GEMM on
 a dequantized copy (pre-packed for oneDNN, core/layers/onednn.py) wins. A layer therefore keeps
-both (about 1.3x the bf16 footprint) and picks per call by the number of rows. Layers whose GGUF tensors are another type (or not on the CPU) keep
-only the dequantized weight. Measurements and the crossover are in docs/quantization.md.
+both (about 1.3x the bf16 footprint) and picks per call by the number of rows. Layers whose GGUF
+tensors are another type (or not on the CPU) keep only the dequantized weight. Measurements and the crossover are in docs/quantization.md.
 
 The GGUF loader fills two extra parameters per packable matrix when this method is active:
 `qweight` (N, K) uint8 nibbles 0..15 and `scales_zeros` (N, K / 32, 2) float32 such that
