@@ -35,3 +35,14 @@ def test_compiled_forward_matches_eager(tmp_path, compiling):
     # the whole forward is one graph per size class: attention did not break it
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] >= 1
+
+
+def test_two_compiled_engines_in_one_process_keep_their_own_code(tmp_path, compiling):
+    # Dynamo's checks on the modules are dropped for speed (core/worker/compilation.py); what keeps
+    # the second model from running the first one's compiled code is that each engine has its own
+    # torch.compile. The models differ in structure (biases), which only the dropped checks see.
+    prompts = [[5], [3, 9, 2, 7], list(range(10, 30))]
+    paths = [save_model(tmp_path / "a"), save_model(tmp_path / "b", attention_bias=True, mlp_bias=True)]
+    expected = [_generate(path, prompts, enforce_eager=True)[1] for path in paths]
+    assert expected[0] != expected[1]
+    assert [_generate(path, prompts)[1] for path in paths] == expected
