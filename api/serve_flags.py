@@ -180,7 +180,7 @@ def _add_tessera_args(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="GIB",
-        help="KV cache budget on CPU in GiB (else $TESSERA_CPU_KVCACHE_SPACE, else a quarter of free RAM, at most 1 GiB).",
+        help="KV cache budget on CPU in GiB (else $TESSERA_CPU_KVCACHE_SPACE, else 0.5 GiB or one full-length sequence if more, at most a quarter of free RAM).",
     )
 
 

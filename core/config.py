@@ -112,10 +112,12 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     num_blocks_override: int | None = None  # --num-gpu-blocks-override
     kv_cache_space_gib: float | None = None  # CPU budget; None: env var, else the default below
-    # with no budget: this fraction of available RAM, capped at kv_cache_default_max_gib
-    # (1 GiB holds ~45k tokens of SmolLM2 in bf16 and keeps the default server small)
+    # with no budget: this fraction of available RAM, capped at kv_cache_default_max_gib or at
+    # what one sequence of the model's full length needs, whichever is more. 0.5 GiB holds 23k
+    # tokens of SmolLM2 in bf16 (32 requests of 700 tokens) and keeps the default server small;
+    # the prefix cache fills whatever the budget is, so the budget is what the server's RSS grows to.
     kv_cache_memory_fraction: float = 0.25
-    kv_cache_default_max_gib: float = 1.0
+    kv_cache_default_max_gib: float = 0.5
     swap_space_gib: float = 4.0
     gpu_memory_utilization: float = 0.9
     kv_cache_dtype: str = "auto"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 from typing import Any
 
 import torch
@@ -22,6 +23,44 @@ _NAMED_DTYPES = {
     "float": torch.float32,
     "float32": torch.float32,
 }
+
+
+# oneDNN, under torch's CPU matmuls, compiles a kernel for each matmul shape it meets and keeps it
+# in two caches (oneDNN's own and ideep's), 1,024 entries each by default. The number of rows is
+# part of the shape, so every distinct batch size or prompt length adds about 0.9 MB: a server
+# that sees many prompt lengths grew by ~700 MB this way. 64 entries hold the shapes of the last
+# dozen batch sizes (all layers of a step share a handful of shapes); a miss costs 0.5-1 ms a
+# shape, once per step. Read when oneDNN first runs, so set before the model loads; a value in
+# the environment wins.
+ONEDNN_CACHE_CAPACITY = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "64"}
+
+# glibc serves a large allocation with its own mmap and, once such a block is freed, raises that
+# size limit to the block's size ("dynamic threshold"), so later tensors of that size come from
+# the heap, where freed memory is seldom returned: varying prompt lengths left ~100 MB of freed
+# activations in the engine's RSS. Fixing the limits (what MALLOC_MMAP_THRESHOLD_ and
+# MALLOC_TRIM_THRESHOLD_ do) keeps tensors over 128 KiB in their own mappings, returned when
+# freed; measured without a slowdown in a step (benchmarks/step_profile.py).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
+MALLOC_LIMITS = {_M_MMAP_THRESHOLD: 128 << 10, _M_TRIM_THRESHOLD: 1 << 20}
+
+
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+
+
+def configure_host_memory() -> None:
+    """Bound oneDNN's kernel caches and fix glibc's allocation limits (see above), for this process.
+    Values the user set in the environment win."""
+    for variable, capacity in ONEDNN_CACHE_CAPACITY.items():
+        os.environ.setdefault(variable, capacity)
+    libc = _libc()
+    user_set = any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
+    if libc is not None and hasattr(libc, "mallopt") and not user_set:
+        for parameter, value in MALLOC_LIMITS.items():
+            libc.mallopt(parameter, value)
 
 
 def available_memory_bytes() -> int:
@@ -53,6 +92,9 @@ class CpuPlatform(Platform):
     device_type = "cpu"
     priority = 0
 
+    def __init__(self) -> None:
+        configure_host_memory()
+
     @classmethod
     def is_available(cls) -> bool:
         return True
@@ -74,22 +116,21 @@ class CpuPlatform(Platform):
             logger.warning("float16 on CPU is slow (emulated matmuls); bfloat16 is faster with the same memory")
         return dtype
 
-    def kv_cache_memory_bytes(self, cache_config: CacheConfig) -> int:
+    def kv_cache_memory_bytes(self, cache_config: CacheConfig, min_bytes: int = 0) -> int:
         gib = cache_config.kv_cache_space_gib
         if gib is None:
             gib = cpu_kvcache_space_gib_from_env()
         if gib is not None:
             return int(gib * _GIB)
         fraction_of_free = available_memory_bytes() * cache_config.kv_cache_memory_fraction
-        return int(min(fraction_of_free, cache_config.kv_cache_default_max_gib * _GIB))
+        return int(min(fraction_of_free, max(cache_config.kv_cache_default_max_gib * _GIB, min_bytes)))
 
     def release_host_memory(self) -> None:
         # Loading a checkpoint frees hundreds of MB of temporaries (dequantized tensors, the
         # compiler's work) that glibc keeps in its heap; malloc_trim returns them (~200-300 MB).
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc: nothing to do
-            pass
+        libc = _libc()
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
 
     def make_attention_backend(self) -> Any:
         from tessera.backends.cpu.attention import CpuAttentionBackend

@@ -71,7 +71,9 @@ class EngineCore:
         if cache.num_blocks_override is not None:
             num_blocks = cache.num_blocks_override
         else:
-            num_blocks = max(1, self.platform.kv_cache_memory_bytes(cache) // bytes_per_block)
+            full_length_bytes = -(-loaded.max_model_len // cache.block_size) * bytes_per_block
+            budget = self.platform.kv_cache_memory_bytes(cache, min_bytes=full_length_bytes)
+            num_blocks = max(1, budget // bytes_per_block)
         if num_blocks * cache.block_size < loaded.max_model_len:
             raise ConfigError(
                 f"the KV cache holds {num_blocks * cache.block_size} tokens ({num_blocks} blocks), fewer "

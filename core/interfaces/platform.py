@@ -32,8 +32,10 @@ class Platform(ABC):
         given the checkpoint's dtype; raises ConfigError for one the device cannot run."""
 
     @abstractmethod
-    def kv_cache_memory_bytes(self, cache_config: Any) -> int:
-        """Called at start-up, after the model is loaded: bytes the KV cache may use."""
+    def kv_cache_memory_bytes(self, cache_config: Any, min_bytes: int = 0) -> int:
+        """Called at start-up, after the model is loaded: bytes the KV cache may use. `min_bytes`
+        is what one sequence of the model's full length needs: a default budget (one the user did
+        not set) should not be smaller, or the engine refuses to start."""
 
     @abstractmethod
     def make_attention_backend(self) -> Any:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -53,6 +54,25 @@ def compile_wanted(enforce_eager: bool, device: torch.device) -> bool:
     return True
 
 
+def _import_compiler_without_triton() -> None:
+    """Import Dynamo and Inductor with Triton hidden from them.
+
+    Triton is a GPU compiler (installed because xgrammar depends on it). Dynamo imports it as soon
+    as it loads, if it can, which adds about 70 MB to the engine's RSS that the CPU path never
+    uses. torch records once that Triton is missing (`has_triton_package` is cached); after that
+    Triton is importable again for anything else in the process.
+    """
+    if "torch._dynamo" in sys.modules or "triton" in sys.modules:
+        return  # too late, or someone here wants it
+    sys.modules["triton"] = None  # type: ignore[assignment]  # makes `import triton` raise ImportError
+    try:
+        import torch._dynamo  # noqa: F401
+        import torch._inductor.compile_fx  # noqa: F401
+    finally:
+        if "triton" in sys.modules and sys.modules["triton"] is None:
+            del sys.modules["triton"]
+
+
 class CompiledForward:
     """Calls the model like `model(input_ids, positions, kv_caches, metadata)`, compiled."""
 
@@ -62,6 +82,7 @@ class CompiledForward:
         for index, layer in enumerate(self.layers):
             layer.layer_index = index
         no_caches = [None] * len(self.layers)
+        _import_compiler_without_triton()
 
         def forward(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             return model(input_ids, positions, no_caches, None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,33 @@ def test_kv_cache_budget_from_config_env_or_free_memory(monkeypatch):
     monkeypatch.delenv("TESSERA_CPU_KVCACHE_SPACE")
     monkeypatch.setattr("tessera.backends.cpu.platform.available_memory_bytes", lambda: 1000)
     assert platform.kv_cache_memory_bytes(CacheConfig(kv_cache_memory_fraction=0.25)) == 250
+
+
+def test_platform_bounds_onednn_kernel_caches_and_fixes_malloc_limits(monkeypatch):
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, parameter, value):
+            calls.append((parameter, value))
+
+    monkeypatch.setattr("tessera.backends.cpu.platform._libc", FakeLibc)
+    monkeypatch.setattr(os, "environ", {**os.environ, "LRU_CACHE_CAPACITY": "300"})
+    os.environ.pop("ONEDNN_PRIMITIVE_CACHE_CAPACITY", None)
+    CpuPlatform()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
+    assert os.environ["LRU_CACHE_CAPACITY"] == "300"  # a value the user set wins
+    assert sorted(calls) == [(-3, 128 << 10), (-1, 1 << 20)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+
+
+def test_default_kv_cache_budget_holds_one_full_length_sequence(monkeypatch):
+    platform = CpuPlatform()
+    monkeypatch.delenv("TESSERA_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.setattr("tessera.backends.cpu.platform.available_memory_bytes", lambda: 16 << 30)
+    assert platform.kv_cache_memory_bytes(CacheConfig()) == 1 << 29  # the 0.5 GiB default
+    assert platform.kv_cache_memory_bytes(CacheConfig(), min_bytes=3 << 30) == 3 << 30  # a long context
+    assert platform.kv_cache_memory_bytes(CacheConfig(), min_bytes=5 << 30) == 4 << 30  # never past a quarter
+    # a budget the user sets is theirs, even below one full-length sequence (the engine then says so)
+    assert platform.kv_cache_memory_bytes(CacheConfig(kv_cache_space_gib=0.25), min_bytes=1 << 30) == 1 << 28
 
 
 class _Unavailable(CpuPlatform):
