@@ -38,10 +38,12 @@ ONEDNN_CACHE_CAPACITY = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAP
 # size limit to the block's size ("dynamic threshold"), so later tensors of that size come from
 # the heap, where freed memory is seldom returned: varying prompt lengths left ~100 MB of freed
 # activations in the engine's RSS. Fixing the limits (what MALLOC_MMAP_THRESHOLD_ and
-# MALLOC_TRIM_THRESHOLD_ do) keeps tensors over 128 KiB in their own mappings, returned when
-# freed; measured without a slowdown in a step (benchmarks/step_profile.py).
+# MALLOC_TRIM_THRESHOLD_ do) keeps tensors over 1 MiB (prefill activations, logits) in their own
+# mappings, returned when freed, while a decode step's smaller ones reuse heap memory without a
+# system call. Same memory as a 128 KiB limit, and no measurable change in step time
+# (benchmarks/step_profile.py; this VM's noise is +-10%).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
-MALLOC_LIMITS = {_M_MMAP_THRESHOLD: 128 << 10, _M_TRIM_THRESHOLD: 1 << 20}
+MALLOC_LIMITS = {_M_MMAP_THRESHOLD: 1 << 20, _M_TRIM_THRESHOLD: 1 << 20}
 
 
 def _libc() -> Any:

@@ -52,7 +52,7 @@ def test_platform_bounds_onednn_kernel_caches_and_fixes_malloc_limits(monkeypatc
     CpuPlatform()
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
     assert os.environ["LRU_CACHE_CAPACITY"] == "300"  # a value the user set wins
-    assert sorted(calls) == [(-3, 128 << 10), (-1, 1 << 20)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    assert sorted(calls) == [(-3, 1 << 20), (-1, 1 << 20)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
 
 
 def test_default_kv_cache_budget_holds_one_full_length_sequence(monkeypatch):
