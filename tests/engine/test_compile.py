@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from fixtures_models import save_model
 from torch._dynamo.utils import counters
@@ -46,3 +50,24 @@ def test_two_compiled_engines_in_one_process_keep_their_own_code(tmp_path, compi
     expected = [_generate(path, prompts, enforce_eager=True)[1] for path in paths]
     assert expected[0] != expected[1]
     assert [_generate(path, prompts)[1] for path in paths] == expected
+
+
+def test_compiling_does_not_import_triton_and_leaves_it_importable(tmp_path):
+    # Triton (a GPU compiler, here because xgrammar depends on it) costs ~70 MB once imported, and
+    # Dynamo imports it if it can; a fresh process shows whether compiling kept it out.
+    pytest.importorskip("triton")
+    path = save_model(tmp_path / "tiny")
+    script = (
+        "import sys\n"
+        "from tessera import LLM\n"
+        f"llm = LLM({str(path)!r}, dtype='float32', block_size=8)\n"
+        "assert llm.engine.runner.compile_seconds is not None\n"
+        "print('triton imported:', 'triton' in sys.modules)\n"
+        "import triton\n"
+        "print('importable afterwards')\n"
+    )
+    env = {**os.environ, "TESSERA_ENFORCE_EAGER": "0"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "triton imported: False" in result.stdout
+    assert "importable afterwards" in result.stdout
