@@ -55,6 +55,19 @@ def test_platform_bounds_onednn_kernel_caches_and_fixes_malloc_limits(monkeypatc
     assert sorted(calls) == [(-3, 1 << 20), (-1, 1 << 20)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
 
 
+def test_platform_leaves_malloc_limits_the_user_set_in_the_environment(monkeypatch):
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, parameter, value):
+            calls.append((parameter, value))
+
+    monkeypatch.setattr("tessera.backends.cpu.platform._libc", FakeLibc)
+    monkeypatch.setattr(os, "environ", {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+    CpuPlatform()
+    assert calls == []  # glibc read the user's value at start-up; it is not overwritten
+
+
 def test_default_kv_cache_budget_holds_one_full_length_sequence(monkeypatch):
     platform = CpuPlatform()
     monkeypatch.delenv("TESSERA_CPU_KVCACHE_SPACE", raising=False)
