@@ -1,4 +1,4 @@
-"""The three ways a CPU step multiplies SmolLM2's linear layers, timed against each other.
+"""The ways a CPU step can multiply SmolLM2's linear layers, timed against each other.
 
 For every row count, one pass over 120 distinct matrices with the shapes of SmolLM2-135M's 30
 layers (fused QKV 960x576, output 576x576, fused gate/up 3072x576, down 576x1536), so the weights
@@ -7,10 +7,12 @@ stream from memory as in a real step rather than sitting in cache:
   bf16 F.linear     a plain row-major bf16 weight (oneDNN re-lays it out on every call)
   bf16 packed       the weight pre-packed for oneDNN once (core/layers/onednn.py)
   int4 (torch)      GGUF Q4 groups of 32 through aten._weight_int4pack_mm_for_cpu
-                    (plugins/quantization/gguf.py)
+  int4 (tessera)    the same groups through tessera::int4_linear (backends/cpu/int4_linear.py),
+                    where the CPU has AVX512-BF16 and the kernels built
 
-Prints a markdown table of milliseconds per pass (best of --repeats). The layer picks int4 up to
-`MAX_INT4_ROWS` rows and the packed weight above; this is the measurement behind that number.
+Prints a markdown table of milliseconds per pass (best of --repeats). A GGUF layer uses tessera's
+kernel at every row count where it is available; elsewhere it picks torch's int4 kernel up to
+`MAX_INT4_ROWS` rows and the packed weight above. This is the measurement behind both choices.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from tessera.backends.cpu import int4_linear as cpu_int4
 from tessera.core.layers import onednn
 from tessera.plugins.quantization.gguf import int4_linear, int4_pack
 
@@ -47,14 +50,15 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(n, k, generator=gen).to(torch.bfloat16) for n, k in SHAPES]
     packed = [onednn.prepack(w) for w in weights]
-    int4 = [
-        int4_pack(torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen),
-                  torch.rand(n, k // 32, 2, generator=gen) * 0.02, torch.bfloat16)
+    groups = [
+        (torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen), torch.rand(n, k // 32, 2, generator=gen) * 0.02)
         for n, k in SHAPES
     ]
+    int4 = [int4_pack(q, scales_zeros, torch.bfloat16) for q, scales_zeros in groups]
+    blocks = [cpu_int4.int4_repack(q, scales_zeros) for q, scales_zeros in groups] if cpu_int4.kernel_available() else None
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms per pass over {len(SHAPES)} matrices")
-    print("| rows | bf16 F.linear | bf16 packed | int4 (torch) |")
-    print("|---:|---:|---:|---:|")
+    print("| rows | bf16 F.linear | bf16 packed | int4 (torch) | int4 (tessera) |")
+    print("|---:|---:|---:|---:|---:|")
     for rows in args.rows:
         inputs = {k: torch.randn(rows, k, generator=gen).to(torch.bfloat16) for k in (576, 1536)}
         plain = best_ms(lambda inputs=inputs: [F.linear(inputs[w.shape[1]], w) for w in weights], args.repeats)
@@ -65,6 +69,11 @@ def main() -> None:
             cells.append(f"{q4:.1f}")
         else:
             cells.append("-")
+        if blocks is not None:
+            mine = best_ms(lambda inputs=inputs: [cpu_int4.int4_linear(inputs[w.shape[1]], b) for w, b in zip(weights, blocks)], args.repeats)
+            cells.append(f"{mine:.1f}")
+        else:
+            cells.append("n/a")
         print(f"| {rows} | " + " | ".join(cells) + " |")
 
 

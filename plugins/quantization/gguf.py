@@ -1,10 +1,15 @@
-"""`--quantization gguf`: keep a GGUF file's Q4_0 / Q4_1 matrices packed for PyTorch's CPU int4 kernel.
+"""`--quantization gguf`: keep a GGUF file's Q4_0 / Q4_1 matrices as 4-bit groups.
 
-Small batches (decode) are memory-bandwidth bound, so they multiply with the 4-bit weights through
-`aten._weight_int4pack_mm_for_cpu`; larger batches are compute bound, where oneDNN's bf16 GEMM on
-a dequantized copy (pre-packed for oneDNN, core/layers/onednn.py) wins. A layer therefore keeps
-both (about 1.3x the bf16 footprint) and picks per call by the number of rows. Layers whose GGUF
-tensors are another type (or not on the CPU) keep only the dequantized weight. Measurements and the crossover are in docs/quantization.md.
+On CPUs with AVX512-BF16 (and a C++ compiler for the CPU backend's kernels) a layer keeps only the
+4-bit groups, in the layout of `tessera::int4_linear` (backends/cpu/int4_linear.py), which is
+faster than the alternatives at every batch size; the dequantized weight the loader filled is
+dropped, so the layer holds about a quarter of its bf16 size.
+
+Elsewhere a layer keeps two forms: small batches (decode) are memory-bandwidth bound, so they
+multiply with the 4-bit weights through `aten._weight_int4pack_mm_for_cpu`; larger batches are
+compute bound, where oneDNN's bf16 GEMM on a dequantized copy (pre-packed for oneDNN,
+core/layers/onednn.py) wins. Layers whose GGUF tensors are another type (or not on the CPU) keep
+only the dequantized weight. Measurements and the crossover are in docs/quantization.md.
 
 The GGUF loader fills two extra parameters per packable matrix when this method is active:
 `qweight` (N, K) uint8 nibbles 0..15 and `scales_zeros` (N, K / 32, 2) float32 such that
@@ -19,12 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from tessera.backends.cpu import int4_linear as cpu_int4
 from tessera.core.interfaces.quantization import LinearMethod, QuantizationMethod
 from tessera.core.layers.linear import UnquantizedLinearMethod
 
 GROUP_SIZE = 32  # GGUF Q4_0 / Q4_1 block size
-# At most this many rows go through the int4 kernel; above it the pre-packed bf16 GEMM is faster
-# (measured on a 2-core x86 CPU, see docs/quantization.md).
+# Without tessera::int4_linear: at most this many rows go through torch's int4 kernel; above it
+# the pre-packed bf16 GEMM is faster (measured on a 2-core x86 CPU, see docs/quantization.md).
 MAX_INT4_ROWS = 8
 
 
@@ -45,7 +51,8 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tenso
 
 
 class GgufLinearMethod(LinearMethod):
-    """Dequantized weight for big batches plus, when every shard arrived as Q4, int4 packs for small ones."""
+    """When every shard arrived as Q4: only the 4-bit blocks of `tessera::int4_linear` where it is
+    usable, else the dequantized weight for big batches plus torch's int4 packs for small ones."""
 
     def __init__(self, max_int4_rows: int = MAX_INT4_ROWS) -> None:
         self.max_int4_rows = max_int4_rows
@@ -53,6 +60,7 @@ class GgufLinearMethod(LinearMethod):
 
     def create_weights(self, layer: Any, input_size: int, output_size: int, dtype: Any) -> None:
         self.dense.create_weights(layer, input_size, output_size, dtype)
+        layer.int4_blocks = None
         layer.int4_weight = None
         if torch.device(layer.device).type != "cpu" or input_size % GROUP_SIZE:
             return
@@ -68,11 +76,18 @@ class GgufLinearMethod(LinearMethod):
         qweight = layer._parameters.pop("qweight", None)
         scales_zeros = layer._parameters.pop("scales_zeros", None)
         if qweight is not None and scales_zeros is not None and not bool(torch.isnan(scales_zeros).any()):
-            layer.int4_weight = int4_pack(qweight.data, scales_zeros.data, layer.weight.dtype)
+            weight = layer.weight
+            if cpu_int4.usable(weight.shape[0], weight.shape[1], weight.dtype, weight.device):
+                layer.int4_blocks = cpu_int4.int4_repack(qweight.data, scales_zeros.data)
+                del layer.weight  # the 4-bit blocks serve every batch size
+                return
+            layer.int4_weight = int4_pack(qweight.data, scales_zeros.data, weight.dtype)
         # else not every shard was Q4_0 / Q4_1: only the dequantized weight is used
         self.dense.process_weights_after_loading(layer)
 
     def apply(self, layer: Any, x: Any, bias: Any | None) -> Any:
+        if layer.int4_blocks is not None:
+            return cpu_int4.int4_linear(x, layer.int4_blocks, bias)
         if layer.int4_weight is None or x.numel() > self.max_int4_rows * x.shape[-1]:
             return self.dense.apply(layer, x, bias)
         y = int4_linear(x, *layer.int4_weight, layer.weight.shape[0])

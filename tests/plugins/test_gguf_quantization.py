@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tessera.backends.cpu import int4_linear as cpu_int4
 from tessera.core.layers import LayerContext
 from tessera.core.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
 from tessera.plugins.loaders.gguf_file import _FAST_DEQUANT, _INT4_GROUPS, Q4_0, Q4_1
@@ -79,15 +80,29 @@ def _load(layer, shards: dict, packed: bool = True) -> torch.Tensor:
     return torch.cat(fused)
 
 
+@pytest.fixture(params=["int4_kernel", "torch_int4_and_bf16"])
+def layer_form(request, monkeypatch) -> str:
+    """Which form Q4 layers take: tessera's int4 kernel only, or torch's int4 kernel plus bf16."""
+    if request.param == "int4_kernel" and not cpu_int4.kernel_available():
+        pytest.skip("tessera::int4_linear needs AVX512-BF16 and the CPU kernels built")
+    if request.param == "torch_int4_and_bf16":
+        monkeypatch.setattr(cpu_int4, "usable", lambda *args: False)
+    return request.param
+
+
 @pytest.mark.parametrize("num_rows", [1, MAX_INT4_ROWS, MAX_INT4_ROWS + 1, 32])
-def test_fused_qkv_and_gate_up_load_their_shards(num_rows: int) -> None:
+def test_fused_qkv_and_gate_up_load_their_shards(num_rows: int, layer_form: str) -> None:
     qkv = QKVParallelLinear(64, 16, 4, 2, bias=False, context=_context())
     qkv_weight = _load(qkv, {"q": (Q4_1, 64), "k": (Q4_0, 32), "v": (Q4_1, 32)})
     gate_up = MergedColumnParallelLinear(64, [96, 96], bias=False, context=_context())
     gate_up_weight = _load(gate_up, {0: (Q4_1, 96), 1: (Q4_0, 96)})
     for layer, weight in ((qkv, qkv_weight), (gate_up, gate_up_weight)):
-        assert layer.int4_weight is not None
-        assert set(dict(layer.named_parameters())) == {"weight"}
+        if layer_form == "int4_kernel":  # the 4-bit blocks alone: no dequantized copy is kept
+            assert layer.int4_blocks is not None and layer.int4_weight is None
+            assert set(dict(layer.named_parameters())) == set()
+        else:
+            assert layer.int4_blocks is None and layer.int4_weight is not None
+            assert set(dict(layer.named_parameters())) == {"weight"}
         x = torch.randn(num_rows, 64).to(torch.bfloat16)
         assert_close_bf16(layer(x), F.linear(x.float(), weight))
 
@@ -95,7 +110,8 @@ def test_fused_qkv_and_gate_up_load_their_shards(num_rows: int) -> None:
 def test_a_shard_without_int4_groups_keeps_the_layer_dequantized() -> None:
     layer = QKVParallelLinear(64, 16, 4, 2, bias=False, context=_context())
     weight = _load(layer, {"q": (Q4_1, 64), "k": (Q4_1, 32), "v": (Q4_1, 32)}, packed=False)
-    assert layer.int4_weight is None and set(dict(layer.named_parameters())) == {"weight"}
+    assert layer.int4_blocks is None and layer.int4_weight is None
+    assert set(dict(layer.named_parameters())) == {"weight"}
     x = torch.randn(1, 64).to(torch.bfloat16)
     assert_close_bf16(layer(x), F.linear(x.float(), weight))
 
@@ -110,7 +126,7 @@ def test_default_model_greedy_tokens_match_the_dequantized_path() -> None:
     texts = {}
     for quantization in ("none", None):  # None: the GGUF default, `gguf`
         llm = LLM(quantization=quantization)
-        outputs = llm.generate(prompts * 16, params)  # 32 rows: the bf16 path in prefill and decode
-        single = llm.generate(prompts[:1], params)  # one row: the int4 path in decode
+        outputs = llm.generate(prompts * 16, params)  # 32 rows (the bf16 path without tessera's kernel)
+        single = llm.generate(prompts[:1], params)  # one row
         texts[quantization] = [o.outputs[0].token_ids for o in outputs] + [single[0].outputs[0].token_ids]
     assert texts["none"] == texts[None]

@@ -210,6 +210,8 @@ void decode_attention_kernel(
   });
 }
 
+}  // namespace
+
 void paged_decode_attention(
     at::Tensor out,
     const at::Tensor& query,
@@ -239,9 +241,3 @@ void paged_decode_attention(
   });
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention,
-        "out[r] = softmax(q[r] K_r^T * scale) V_r over request r's cached tokens (decode)");
-}

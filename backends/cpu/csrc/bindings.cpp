@@ -1,0 +1,15 @@
+// The Python module of the CPU backend's kernels (backends/cpu/kernels.py builds it).
+
+#include <torch/extension.h>
+
+void paged_decode_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& key_cache,
+                            const at::Tensor& value_cache, const at::Tensor& block_tables,
+                            const at::Tensor& seq_lens, double scale);
+bool int4_linear_supported();  // int4_linear.cpp, which registers the op tessera::int4_linear
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention,
+        "out[r] = softmax(q[r] K_r^T * scale) V_r over request r's cached tokens (decode)");
+  m.def("int4_linear_supported", &int4_linear_supported,
+        "whether torch.ops.tessera.int4_linear was built (it needs AVX512-BF16)");
+}

@@ -1,0 +1,94 @@
+"""4-bit GGUF matmuls on CPUs with AVX512-BF16: the weight layout and the `tessera::int4_linear` op.
+
+The kernel (csrc/int4_linear.cpp) multiplies bf16 activations with weights kept as 4-bit groups
+of 32 inputs (GGUF Q4_0 / Q4_1) at every batch size: for one row it reads the 4-bit weights
+(memory bound, about 1.4x faster than torch's int4 kernel), for many rows it decodes each group
+once into registers and multiplies it into up to 8 rows with `vdpbf16ps` (compute bound: faster
+than oneDNN's bf16 GEMM up to 64 rows, within ~10% above). A layer using it therefore needs no
+dequantized bf16 copy of its weight. Measurements: docs/quantization.md.
+
+`int4_repack` turns (N, K) nibbles and per-group (scale, zero) into the kernel's layout; `usable`
+says whether a layer of that shape can use it here.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+
+from tessera.backends.cpu import kernels
+
+GROUP_SIZE = 32  # inputs per quantization group
+BLOCK_COLUMNS = 16  # output columns per weight block
+
+
+class Int4Blocks(NamedTuple):
+    packed: torch.Tensor  # (N/16, K/32, 256) uint8
+    scales: torch.Tensor  # (N/16, K/32, 16) float32
+    offsets: torch.Tensor  # (N/16, K/32, 16) float32: zero - 136 * scale
+
+
+@functools.cache
+def kernel_available() -> bool:
+    """Whether `tessera::int4_linear` runs here: the kernels built, on a CPU with AVX512-BF16.
+    Loading them defines the op (in C++); its shape function for the compiler is added here."""
+    module = kernels.load()
+    if module is None or not module.int4_linear_supported():
+        return False
+    torch.library.register_fake("tessera::int4_linear")(_int4_linear_shape)
+    return True
+
+
+def _int4_linear_shape(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], packed.shape[0] * BLOCK_COLUMNS)
+
+
+def usable(out_features: int, in_features: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a layer of this shape, dtype and device can multiply through the kernel."""
+    return (
+        torch.device(device).type == "cpu"
+        and dtype == torch.bfloat16
+        and out_features % BLOCK_COLUMNS == 0
+        and in_features % GROUP_SIZE == 0
+        and kernel_available()
+    )
+
+
+@functools.cache
+def _chunk_order() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each of a chunk's 64 bytes: which input pair (of the low nibble; the high nibble's is
+    2 more), column and input within the pair it holds. AVX-512's byte unpack works within
+    16-byte lanes: bytes 0-7 of each lane feed pairs 0 and 2, bytes 8-15 pairs 1 and 3, and
+    lane l's bytes become the words 8l..8l+7, where word 2j + u is column j, input u."""
+    byte = torch.arange(64)
+    lane, within = byte // 16, byte % 16
+    word = 8 * lane + within % 8
+    return within // 8, word // 2, word % 2
+
+
+def int4_repack(qweight: torch.Tensor, scales_zeros: torch.Tensor) -> Int4Blocks:
+    """The kernel's layout from (N, K) nibbles 0..15 and (N, K/32, 2) float (scale, zero), where
+    w = (q - 8) * scale + zero."""
+    out_features, in_features = qweight.shape
+    blocks, groups = out_features // BLOCK_COLUMNS, in_features // GROUP_SIZE
+    # (block, column j, group, chunk c, pair t, input u) -> (block, group, chunk, pair, column, input)
+    q = qweight.to(torch.uint8).reshape(blocks, BLOCK_COLUMNS, groups, 4, 4, 2).permute(0, 2, 3, 4, 1, 5)
+    pair, column, within_pair = _chunk_order()
+    low = q[:, :, :, pair, column, within_pair]
+    high = q[:, :, :, pair + 2, column, within_pair]
+    packed = (low | (high << 4)).reshape(blocks, groups, 256).contiguous()
+    scale, zero = scales_zeros[..., 0].float(), scales_zeros[..., 1].float()
+
+    def per_block(values: torch.Tensor) -> torch.Tensor:  # (N, K/32) -> (N/16, K/32, 16)
+        return values.reshape(blocks, BLOCK_COLUMNS, groups).transpose(1, 2).contiguous()
+
+    return Int4Blocks(packed, per_block(scale), per_block(zero - 136 * scale))
+
+
+def int4_linear(x: torch.Tensor, weight: Int4Blocks, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T (+ bias) for bf16 x (..., K); y (..., N) in bf16. Only where `kernel_available()`."""
+    return torch.ops.tessera.int4_linear(x, weight.packed, weight.scales, weight.offsets, bias)

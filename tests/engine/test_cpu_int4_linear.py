@@ -1,0 +1,79 @@
+"""tessera::int4_linear, the CPU backend's 4-bit GGUF matmul, against float arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tessera.backends.cpu import int4_linear as cpu_int4
+
+pytestmark = pytest.mark.skipif(
+    not cpu_int4.kernel_available(), reason="needs AVX512-BF16 and the CPU kernels built (see the log)"
+)
+
+
+def random_groups(out_features: int, in_features: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(nibbles (N, K) uint8, scales_zeros (N, K/32, 2), the weight they encode (N, K) float32)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8, generator=gen)
+    scale = torch.rand(out_features, in_features // 32, generator=gen) * 0.02 + 0.001
+    zero = torch.randn(out_features, in_features // 32, generator=gen) * 0.05
+    weight = (q.float() - 8).reshape(out_features, -1, 32) * scale[..., None] + zero[..., None]
+    return q, torch.stack([scale, zero], dim=-1), weight.reshape(out_features, in_features)
+
+
+def assert_matches(y: torch.Tensor, expected: torch.Tensor) -> None:
+    # The kernel sums exact bf16 products in fp32 and rounds once to bf16, so it is within bf16
+    # rounding of the float result (2^-8 relative) plus fp32 summation order.
+    assert y.dtype == torch.bfloat16 and y.shape == expected.shape
+    torch.testing.assert_close(y.float(), expected, rtol=2**-7, atol=2**-7 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 17, 40])
+@pytest.mark.parametrize(("out_features", "in_features"), [(16, 32), (48, 96), (960, 576)])
+def test_matches_the_float_matmul_for_every_row_count(rows, out_features, in_features):
+    q, scales_zeros, weight = random_groups(out_features, in_features)
+    x = torch.randn(rows, in_features).to(torch.bfloat16)
+    y = cpu_int4.int4_linear(x, cpu_int4.int4_repack(q, scales_zeros))
+    assert_matches(y, x.float() @ weight.T)
+
+
+def test_adds_the_bias_and_keeps_leading_dimensions():
+    q, scales_zeros, weight = random_groups(32, 64, seed=1)
+    bias = torch.randn(32).to(torch.bfloat16)
+    x = torch.randn(2, 3, 64).to(torch.bfloat16)
+    y = cpu_int4.int4_linear(x, cpu_int4.int4_repack(q, scales_zeros), bias)
+    assert y.shape == (2, 3, 32)
+    assert_matches(y, x.float() @ weight.T + bias.float())
+
+
+def test_each_weight_column_and_input_lands_in_its_place():
+    """One nonzero weight at a time: a wrong layout moves it to another output or input."""
+    out_features, in_features = 16, 32
+    x = torch.arange(1, in_features + 1, dtype=torch.float32).to(torch.bfloat16)[None]  # distinct inputs
+    for column, inp in [(0, 0), (3, 5), (7, 8), (8, 1), (15, 31), (9, 18), (12, 27)]:
+        q = torch.full((out_features, in_features), 8, dtype=torch.uint8)  # 8 encodes 0 (zero = 0)
+        q[column, inp] = 9  # weight 1.0 at (column, inp)
+        scales_zeros = torch.zeros(out_features, 1, 2)
+        scales_zeros[..., 0] = 1.0
+        y = cpu_int4.int4_linear(x, cpu_int4.int4_repack(q, scales_zeros))
+        expected = torch.zeros(1, out_features)
+        expected[0, column] = inp + 1
+        assert torch.equal(y.float(), expected), (column, inp)
+
+
+def test_runs_inside_a_compiled_graph():
+    q, scales_zeros, weight = random_groups(48, 64, seed=2)
+    blocks = cpu_int4.int4_repack(q, scales_zeros)
+    compiled = torch.compile(lambda x: cpu_int4.int4_linear(x, blocks) * 2, dynamic=True, fullgraph=True)
+    for rows in (3, 5):
+        x = torch.randn(rows, 64).to(torch.bfloat16)
+        assert_matches(compiled(x), 2 * (x.float() @ weight.T))
+
+
+def test_usable_only_for_bf16_cpu_layers_of_whole_blocks():
+    assert cpu_int4.usable(960, 576, torch.bfloat16, torch.device("cpu"))
+    assert not cpu_int4.usable(960, 576, torch.float32, torch.device("cpu"))
+    assert not cpu_int4.usable(968, 576, torch.bfloat16, torch.device("cpu"))  # not whole blocks of 16
+    assert not cpu_int4.usable(960, 560, torch.bfloat16, torch.device("cpu"))  # not whole groups of 32
+    assert not cpu_int4.usable(960, 576, torch.bfloat16, torch.device("meta"))
