@@ -113,16 +113,19 @@ class GgufFile:
         if info.ggml_type == BF16:
             raw = np.frombuffer(self.data, dtype=np.uint16, count=num_elements, offset=info.offset)
             return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info.shape)
+        if info.ggml_type in _FAST_DEQUANT:
+            type_size = _FAST_BLOCK_BYTES[info.ggml_type]
+            raw = np.frombuffer(self.data, dtype=np.uint8, count=num_elements // 32 * type_size, offset=info.offset)
+            return _FAST_DEQUANT[info.ggml_type](raw.reshape(-1, type_size)).reshape(info.shape)
+        # gguf-py only for the other types: importing it costs ~26 MB (it pulls in mistral-common,
+        # pydantic, requests, ...), which a serving process then keeps
         import gguf
 
         qtype = gguf.GGMLQuantizationType(info.ggml_type)
         block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
         num_blocks = num_elements // block_size
         raw = np.frombuffer(self.data, dtype=np.uint8, count=num_blocks * type_size, offset=info.offset)
-        blocks = raw.reshape(num_blocks, type_size)
-        if info.ggml_type in _FAST_DEQUANT:
-            return _FAST_DEQUANT[info.ggml_type](blocks).reshape(info.shape)
-        return gguf.quants.dequantize(blocks, qtype).reshape(info.shape)
+        return gguf.quants.dequantize(raw.reshape(num_blocks, type_size), qtype).reshape(info.shape)
 
 
     def load_int4_groups(self, info: GgufTensorInfo) -> tuple[np.ndarray, np.ndarray] | None:
@@ -132,7 +135,7 @@ class GgufFile:
             return None
         num_rows, num_cols = info.shape
         num_blocks = num_rows * num_cols // 32
-        type_size = 18 if info.ggml_type == Q4_0 else 20
+        type_size = _FAST_BLOCK_BYTES[info.ggml_type]
         raw = np.frombuffer(self.data, dtype=np.uint8, count=num_blocks * type_size, offset=info.offset)
         q, scale_zero = _INT4_GROUPS[info.ggml_type](raw.reshape(num_blocks, type_size))
         return q.reshape(num_rows, num_cols), scale_zero.reshape(num_rows, num_cols // 32, 2)
@@ -170,7 +173,9 @@ def _int4_q4_1(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, np.concatenate([d, m + 8 * d], axis=1)  # q*d + m == (q-8)*d + (m+8d)
 
 
-Q4_0, Q4_1 = 2, 3
+Q4_0, Q4_1, Q8_0 = 2, 3, 8
 _INT4_GROUPS = {Q4_0: _int4_q4_0, Q4_1: _int4_q4_1}
-# Block-wise numpy for the common simple types (gguf-py loops over row groups in Python).
-_FAST_DEQUANT = {2: _dequant_q4_0, 3: _dequant_q4_1, 8: _dequant_q8_0}
+# Block-wise numpy for the common simple types (gguf-py loops over row groups in Python); each
+# block holds 32 values in this many bytes (f16 scale [, f16 min], then the values).
+_FAST_DEQUANT = {Q4_0: _dequant_q4_0, Q4_1: _dequant_q4_1, Q8_0: _dequant_q8_0}
+_FAST_BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q8_0: 34}
