@@ -26,8 +26,7 @@ BLOCK_COLUMNS = 16  # output columns per weight block
 
 class Int4Blocks(NamedTuple):
     packed: torch.Tensor  # (N/16, K/32, 256) uint8
-    scales: torch.Tensor  # (N/16, K/32, 16) float32
-    offsets: torch.Tensor  # (N/16, K/32, 16) float32: zero - 136 * scale
+    scales_mins: torch.Tensor  # (N/16, K/32, 32) float16: the 16 columns' d, then their m (w = d q + m)
 
 
 @functools.cache
@@ -42,7 +41,7 @@ def kernel_available() -> bool:
 
 
 def _int4_linear_shape(
-    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor, packed: torch.Tensor, scales_mins: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], packed.shape[0] * BLOCK_COLUMNS)
 
@@ -72,7 +71,8 @@ def _chunk_order() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def int4_repack(qweight: torch.Tensor, scales_zeros: torch.Tensor) -> Int4Blocks:
     """The kernel's layout from (N, K) nibbles 0..15 and (N, K/32, 2) float (scale, zero), where
-    w = (q - 8) * scale + zero."""
+    w = (q - 8) * scale + zero. The kernel keeps GGUF's form w = d q + m with d and m in fp16 (as
+    GGUF files store them, so exact for those)."""
     out_features, in_features = qweight.shape
     blocks, groups = out_features // BLOCK_COLUMNS, in_features // GROUP_SIZE
     # (block, column j, group, chunk c, pair t, input u) -> (block, group, chunk, pair, column, input)
@@ -82,13 +82,11 @@ def int4_repack(qweight: torch.Tensor, scales_zeros: torch.Tensor) -> Int4Blocks
     high = q[:, :, :, pair + 2, column, within_pair]
     packed = (low | (high << 4)).reshape(blocks, groups, 256).contiguous()
     scale, zero = scales_zeros[..., 0].float(), scales_zeros[..., 1].float()
-
-    def per_block(values: torch.Tensor) -> torch.Tensor:  # (N, K/32) -> (N/16, K/32, 16)
-        return values.reshape(blocks, BLOCK_COLUMNS, groups).transpose(1, 2).contiguous()
-
-    return Int4Blocks(packed, per_block(scale), per_block(zero - 136 * scale))
+    scales_mins = torch.stack([scale, zero - 8 * scale])  # (2, N, K/32): d, m
+    scales_mins = scales_mins.reshape(2, blocks, BLOCK_COLUMNS, groups).permute(1, 3, 0, 2)
+    return Int4Blocks(packed, scales_mins.reshape(blocks, groups, 2 * BLOCK_COLUMNS).to(torch.float16).contiguous())
 
 
 def int4_linear(x: torch.Tensor, weight: Int4Blocks, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T (+ bias) for bf16 x (..., K); y (..., N) in bf16. Only where `kernel_available()`."""
-    return torch.ops.tessera.int4_linear(x, weight.packed, weight.scales, weight.offsets, bias)
+    return torch.ops.tessera.int4_linear(x, weight.packed, weight.scales_mins, bias)

@@ -16,8 +16,9 @@ def random_groups(out_features: int, in_features: int, seed: int = 0) -> tuple[t
     """(nibbles (N, K) uint8, scales_zeros (N, K/32, 2), the weight they encode (N, K) float32)."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8, generator=gen)
-    scale = torch.rand(out_features, in_features // 32, generator=gen) * 0.02 + 0.001
-    zero = torch.randn(out_features, in_features // 32, generator=gen) * 0.05
+    # GGUF's d and m are fp16 numbers (w = d q + m, zero = m + 8 d)
+    scale = (torch.rand(out_features, in_features // 32, generator=gen) * 0.02 + 0.001).half().float()
+    zero = (torch.randn(out_features, in_features // 32, generator=gen) * 0.05).half().float() + 8 * scale
     weight = (q.float() - 8).reshape(out_features, -1, 32) * scale[..., None] + zero[..., None]
     return q, torch.stack([scale, zero], dim=-1), weight.reshape(out_features, in_features)
 

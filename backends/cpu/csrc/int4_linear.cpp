@@ -3,11 +3,12 @@
 //
 // Each 4-bit value q (0..15) becomes the bf16 number 128 + q by placing the byte 0x43 above it
 // (0x4300 is 128.0 in bf16, and 128..143 are exact), so one unpack instruction turns 32 nibbles
-// into 32 bf16 weights, and `vdpbf16ps` multiplies them into fp32 sums. Per group of 32 inputs
-//   sum_k x_k w_k = scale * sum_k x_k (128 + q_k) + (zero - 136 * scale) * sum_k x_k
-// for w = (q - 8) * scale + zero, so each group needs its dot product with the shifted weights,
-// the sum of its inputs, and two multiply-adds with per-column constants (`scales`, `offsets`).
-// The products are exact (bf16 x bf16 in fp32) and sums are fp32, as in a bf16 GEMM.
+// into 32 bf16 weights, and `vdpbf16ps` multiplies them into fp32 sums. With GGUF's w = d q + m
+// per group of 32 inputs (d, m in fp16, as the file stores them),
+//   sum_k x_k w_k = d * sum_k x_k (128 + q_k) + (m - 128 d) * sum_k x_k,
+// so each group needs its dot product with the shifted weights, the sum of its inputs, and two
+// multiply-adds with per-column constants. The products are exact (bf16 x bf16 in fp32) and sums
+// are fp32, as in a bf16 GEMM.
 //
 // Weight layout (made by tessera/plugins/quantization/gguf.py, `int4_repack`): columns in blocks
 // of 16, inputs in groups of 32; a group of a block is 256 bytes, four chunks of 64 bytes. A chunk
@@ -47,10 +48,11 @@ constexpr int kMaxRows = 8;      // rows sharing each unpacked weight register
 // One block of 16 columns for R rows: y[r, cols] = sum over groups.
 template <int R>
 inline void block_rows(const uint32_t* x_pairs, int64_t pairs_per_row, const float* x_group_sums,
-                       int64_t groups, const uint8_t* weights, const float* scales,
-                       const float* offsets, const float* bias, at::BFloat16* y, int64_t ldy) {
+                       int64_t groups, const uint8_t* weights, const at::Half* scales_mins,
+                       const float* bias, at::BFloat16* y, int64_t ldy) {
   const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
   const __m512i bf16_128 = _mm512_set1_epi8(0x43);
+  const __m512 shift = _mm512_set1_ps(128.0f);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
@@ -73,8 +75,10 @@ inline void block_rows(const uint32_t* x_pairs, int64_t pairs_per_row, const flo
         }
       }
     }
-    const __m512 scale = _mm512_loadu_ps(scales + g * kBlock);
-    const __m512 offset = _mm512_loadu_ps(offsets + g * kBlock);
+    const at::Half* dm = scales_mins + g * 2 * kBlock;  // 16 d, then 16 m
+    const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm)));
+    const __m512 min = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + kBlock)));
+    const __m512 offset = _mm512_fnmadd_ps(shift, scale, min);  // m - 128 d
     for (int r = 0; r < R; ++r) {
       acc[r] = _mm512_fmadd_ps(dot[r], scale, acc[r]);
       acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x_group_sums[r * groups + g]), offset, acc[r]);
@@ -87,18 +91,18 @@ inline void block_rows(const uint32_t* x_pairs, int64_t pairs_per_row, const flo
   }
 }
 
-using BlockFn = void (*)(const uint32_t*, int64_t, const float*, int64_t, const uint8_t*, const float*,
-                         const float*, const float*, at::BFloat16*, int64_t);
+using BlockFn = void (*)(const uint32_t*, int64_t, const float*, int64_t, const uint8_t*, const at::Half*,
+                         const float*, at::BFloat16*, int64_t);
 constexpr BlockFn kBlockFns[kMaxRows + 1] = {nullptr,       block_rows<1>, block_rows<2>,
                                              block_rows<3>, block_rows<4>, block_rows<5>,
                                              block_rows<6>, block_rows<7>, block_rows<8>};
 
 }  // namespace
 
-// x: (..., K) bf16; packed: (N/16, K/32, 256) uint8; scales, offsets: (N/16, K/32, 16) fp32;
-// bias: (N,) or none. Returns (..., N) bf16.
-torch::Tensor int4_linear(const torch::Tensor& input, const torch::Tensor& packed, const torch::Tensor& scales,
-                          const torch::Tensor& offsets, const c10::optional<torch::Tensor>& bias) {
+// x: (..., K) bf16; packed: (N/16, K/32, 256) uint8; scales_mins: (N/16, K/32, 32) fp16, per
+// block and group the 16 columns' d, then their m; bias: (N,) or none. Returns (..., N) bf16.
+torch::Tensor int4_linear(const torch::Tensor& input, const torch::Tensor& packed, const torch::Tensor& scales_mins,
+                          const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(input.dim() >= 1 && input.scalar_type() == at::kBFloat16 && input.device().is_cpu(),
               "int4_linear: x must be a bf16 CPU tensor");
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kGroupBytes && packed.scalar_type() == at::kByte &&
@@ -110,10 +114,9 @@ torch::Tensor int4_linear(const torch::Tensor& input, const torch::Tensor& packe
   const int64_t blocks = packed.size(0), groups = packed.size(1);
   TORCH_CHECK(groups * kGroup == in_features, "int4_linear: x has ", in_features, " inputs, the weight ",
               groups * kGroup);
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && offsets.scalar_type() == at::kFloat &&
-                  scales.is_contiguous() && offsets.is_contiguous() && scales.numel() == blocks * groups * kBlock &&
-                  offsets.numel() == scales.numel(),
-              "int4_linear: scales and offsets must be contiguous (N/16, K/32, 16) fp32 tensors");
+  TORCH_CHECK(scales_mins.scalar_type() == at::kHalf && scales_mins.is_contiguous() &&
+                  scales_mins.numel() == blocks * groups * 2 * kBlock,
+              "int4_linear: scales_mins must be a contiguous (N/16, K/32, 32) fp16 tensor");
   const int64_t out_features = blocks * kBlock;
   torch::Tensor bias_fp32;
   if (bias.has_value() && bias->defined()) {
@@ -142,15 +145,14 @@ torch::Tensor int4_linear(const torch::Tensor& input, const torch::Tensor& packe
   const auto* x_pairs = reinterpret_cast<const uint32_t*>(xd);
   const int64_t pairs_per_row = in_features / 2;
   const uint8_t* wd = packed.data_ptr<uint8_t>();
-  const float* sd = scales.data_ptr<float>();
-  const float* od = offsets.data_ptr<float>();
+  const at::Half* dm = scales_mins.data_ptr<at::Half>();
   at::BFloat16* yd = y.data_ptr<at::BFloat16>();
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t m = 0; m < rows; m += kMaxRows) {
         const int64_t count = std::min<int64_t>(kMaxRows, rows - m);
         kBlockFns[count](x_pairs + m * pairs_per_row, pairs_per_row, group_sums.data() + m * groups, groups,
-                         wd + b * groups * kGroupBytes, sd + b * groups * kBlock, od + b * groups * kBlock,
+                         wd + b * groups * kGroupBytes, dm + b * groups * 2 * kBlock,
                          bias_data ? bias_data + b * kBlock : nullptr, yd + m * out_features + b * kBlock,
                          out_features);
       }
@@ -161,7 +163,7 @@ torch::Tensor int4_linear(const torch::Tensor& input, const torch::Tensor& packe
 
 #else
 
-torch::Tensor int4_linear(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
+torch::Tensor int4_linear(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
                           const c10::optional<torch::Tensor>&) {
   TORCH_CHECK(false, "int4_linear needs a CPU with AVX512-BF16 (and a build for it)");
 }
@@ -172,7 +174,7 @@ torch::Tensor int4_linear(const torch::Tensor&, const torch::Tensor&, const torc
 // wrapped in Python (which costs ~10 us a call, 1-2 ms a decode step). Its shape function (for
 // the compiler) is registered in backends/cpu/int4_linear.py.
 TORCH_LIBRARY_FRAGMENT(tessera, m) {
-  m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, Tensor offsets, Tensor? bias) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor packed, Tensor scales_mins, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tessera, CPU, m) { m.impl("int4_linear", &int4_linear); }
