@@ -22,11 +22,13 @@ still never share compiled code, because Dynamo only reuses code made by the sam
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -36,8 +38,9 @@ from tessera.core.layers.attention import Attention, step_context
 
 logger = logging.getLogger(__name__)
 
-# Token counts that take different paths: one token (sizes 0 and 1 are specialised by the
-# compiler), a small batch (int4 matmuls for quantized layers), and a large one (dense matmuls).
+# Token counts that can take different paths: one token (sizes 0 and 1 are specialised by the
+# compiler), a small batch and a large one (GGUF layers without tessera's int4 kernel switch from
+# torch's int4 kernel to dense matmuls above 8 rows; with it, both sizes share one graph).
 WARM_UP_SIZES = (1, 8, 32)
 
 
@@ -54,20 +57,22 @@ def compile_wanted(enforce_eager: bool, device: torch.device) -> bool:
     return True
 
 
-def _import_compiler_without_triton() -> None:
-    """Import Dynamo and Inductor with Triton hidden from them.
+@contextlib.contextmanager
+def _triton_hidden() -> Iterator[None]:
+    """Make `import triton` fail inside the block, unless Triton is already imported.
 
     Triton is a GPU compiler (installed because xgrammar depends on it). Dynamo imports it as soon
-    as it loads, if it can, which adds about 70 MB to the engine's RSS that the CPU path never
-    uses. torch records once that Triton is missing (`has_triton_package` is cached); after that
-    Triton is importable again for anything else in the process.
+    as it loads, and Inductor again while compiling a graph it has not cached (to register its GPU
+    code generators), if it can: about 65 MB of shared library plus ~80 MB of Python state that the
+    CPU path never uses. torch records once that Triton is missing (`has_triton_package` is
+    cached); after the block Triton is importable again for anything else in the process.
     """
-    if "torch._dynamo" in sys.modules or "triton" in sys.modules:
-        return  # too late, or someone here wants it
+    if "triton" in sys.modules:
+        yield  # too late, or someone here wants it
+        return
     sys.modules["triton"] = None  # type: ignore[assignment]  # makes `import triton` raise ImportError
     try:
-        import torch._dynamo  # noqa: F401
-        import torch._inductor.compile_fx  # noqa: F401
+        yield
     finally:
         if "triton" in sys.modules and sys.modules["triton"] is None:
             del sys.modules["triton"]
@@ -82,7 +87,9 @@ class CompiledForward:
         for index, layer in enumerate(self.layers):
             layer.layer_index = index
         no_caches = [None] * len(self.layers)
-        _import_compiler_without_triton()
+        with _triton_hidden():
+            import torch._dynamo  # noqa: F401
+            import torch._inductor.compile_fx  # noqa: F401
 
         def forward(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             return model(input_ids, positions, no_caches, None)
@@ -103,7 +110,14 @@ class CompiledForward:
         before it is read). Returns the seconds it took."""
         start = time.perf_counter()
         num_slots = kv_caches[0].shape[1] * block_size if kv_caches else 0
-        for size in (s for s in WARM_UP_SIZES if s <= num_slots):
+        with _triton_hidden():
+            self._compile_sizes([s for s in WARM_UP_SIZES if s <= num_slots], kv_caches, block_size, device)
+        elapsed = time.perf_counter() - start
+        logger.info("compiled the model with torch.compile in %.1f s (--enforce-eager skips this)", elapsed)
+        return elapsed
+
+    def _compile_sizes(self, sizes: list[int], kv_caches: list[Any], block_size: int, device: torch.device) -> None:
+        for size in sizes:
             slots = torch.arange(size, device=device)
             metadata = AttentionMetadata(
                 slot_mapping=slots,
@@ -119,6 +133,3 @@ class CompiledForward:
             )
             with torch.inference_mode():
                 self(torch.zeros(size, dtype=torch.long, device=device), torch.zeros_like(slots), kv_caches, metadata)
-        elapsed = time.perf_counter() - start
-        logger.info("compiled the model with torch.compile in %.1f s (--enforce-eager skips this)", elapsed)
-        return elapsed
