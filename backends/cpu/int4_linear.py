@@ -7,8 +7,9 @@ once into registers and multiplies it into up to 8 rows with `vdpbf16ps` (comput
 than oneDNN's bf16 GEMM up to 64 rows, within ~10% above). A layer using it therefore needs no
 dequantized bf16 copy of its weight. Measurements: docs/quantization.md.
 
-`int4_repack` turns (N, K) nibbles and per-group (scale, zero) into the kernel's layout; `usable`
-says whether a layer of that shape can use it here.
+`int4_repack` turns (N, K) nibbles and per-group (scale, zero) into the kernel's layout. The CPU
+platform offers the kernel to quantization methods as `CpuInt4GroupKernel` (through
+`Platform.int4_group_kernel()`, core/interfaces/quantization.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import NamedTuple
 import torch
 
 from tessera.backends.cpu import kernels
+from tessera.core.interfaces.quantization import Int4GroupKernel
 
 GROUP_SIZE = 32  # inputs per quantization group
 BLOCK_COLUMNS = 16  # output columns per weight block
@@ -44,17 +46,6 @@ def _int4_linear_shape(
     x: torch.Tensor, packed: torch.Tensor, scales_mins: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], packed.shape[0] * BLOCK_COLUMNS)
-
-
-def usable(out_features: int, in_features: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether a layer of this shape, dtype and device can multiply through the kernel."""
-    return (
-        torch.device(device).type == "cpu"
-        and dtype == torch.bfloat16
-        and out_features % BLOCK_COLUMNS == 0
-        and in_features % GROUP_SIZE == 0
-        and kernel_available()
-    )
 
 
 @functools.cache
@@ -90,3 +81,17 @@ def int4_repack(qweight: torch.Tensor, scales_zeros: torch.Tensor) -> Int4Blocks
 def int4_linear(x: torch.Tensor, weight: Int4Blocks, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T (+ bias) for bf16 x (..., K); y (..., N) in bf16. Only where `kernel_available()`."""
     return torch.ops.tessera.int4_linear(x, weight.packed, weight.scales_mins, bias)
+
+
+class CpuInt4GroupKernel(Int4GroupKernel):
+    """`tessera::int4_linear` for layers with bf16 activations, whole blocks of 16 outputs and
+    whole groups of 32 inputs."""
+
+    def usable(self, out_features: int, in_features: int, dtype: torch.dtype) -> bool:
+        return dtype == torch.bfloat16 and out_features % BLOCK_COLUMNS == 0 and in_features % GROUP_SIZE == 0
+
+    def pack(self, qweight: torch.Tensor, scales_zeros: torch.Tensor) -> Int4Blocks:
+        return int4_repack(qweight, scales_zeros)
+
+    def linear(self, x: torch.Tensor, packed: Int4Blocks, bias: torch.Tensor | None) -> torch.Tensor:
+        return int4_linear(x, packed, bias)

@@ -1,4 +1,4 @@
-"""Device platforms: detection, memory, and the attention backend for one kind of device."""
+"""Device platforms: detection, memory, the attention backend and kernels for one kind of device."""
 
 from __future__ import annotations
 
@@ -40,6 +40,11 @@ class Platform(ABC):
     @abstractmethod
     def make_attention_backend(self) -> Any:
         """Called at start-up: an AttentionBackend for this device."""
+
+    def int4_group_kernel(self) -> Any | None:
+        """Called while loading a model: an `Int4GroupKernel` (core/interfaces/quantization.py)
+        for layers whose weights are 4-bit groups, or None where the platform has none."""
+        return None
 
     def set_seed(self, seed: int) -> None:
         """Called at start-up with `--seed`."""

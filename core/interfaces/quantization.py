@@ -34,3 +34,21 @@ class QuantizationMethod(ABC):
     @abstractmethod
     def get_linear_method(self, prefix: str) -> LinearMethod:
         """Called by each linear layer's constructor; `prefix` is its parameter path."""
+
+
+class Int4GroupKernel(ABC):
+    """A platform's matmul for weights in 4-bit groups of 32 inputs (GGUF Q4_0 / Q4_1), offered to
+    quantization methods by `Platform.int4_group_kernel()`. The weights arrive as (N, K) nibbles
+    q in 0..15 and (N, K / 32, 2) float (scale, zero), meaning w = (q - 8) * scale + zero."""
+
+    @abstractmethod
+    def usable(self, out_features: int, in_features: int, dtype: Any) -> bool:
+        """Called after loading: can a layer of this shape and activation dtype use the kernel?"""
+
+    @abstractmethod
+    def pack(self, qweight: Any, scales_zeros: Any) -> Any:
+        """Called once per layer after loading: the weight in the kernel's own layout."""
+
+    @abstractmethod
+    def linear(self, x: Any, packed: Any, bias: Any | None) -> Any:
+        """Called in every forward: y = x W^T (+ bias) for x (..., K); y (..., N) in x's dtype."""

@@ -12,6 +12,8 @@ class LayerContext:
 
     `quantization` is a `QuantizationMethod` (or None for plain weights); linear layers ask it for
     their `LinearMethod`. `tp_rank`/`tp_size` say which tensor-parallel shard this process holds.
+    `platform` is the active Platform (None in tests that build bare layers); linear methods may
+    use its kernels.
     """
 
     dtype: Any  # torch.dtype of parameters and activations
@@ -20,6 +22,7 @@ class LayerContext:
     tp_rank: int = 0
     tp_size: int = 1
     quantization: Any | None = None
+    platform: Any | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.tp_rank < self.tp_size:

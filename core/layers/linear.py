@@ -74,6 +74,7 @@ class LinearBase(nn.Module):
         self.tp_rank = context.tp_rank
         self.tp_size = context.tp_size
         self.device = context.device
+        self.platform = context.platform  # for methods that use the platform's kernels
         self.prefix = prefix
         self.linear_method = get_linear_method(context, prefix)
         self.linear_method.create_weights(self, input_size, output_size, context.dtype)

@@ -187,7 +187,7 @@ def load_model(
     device = platform.torch_device()
     backend = platform.make_attention_backend()
     quantization = _quantization(model_config, hf_config, plugins, files.extra.get("quantization"))
-    context = LayerContext(dtype, device, backend, quantization=quantization)
+    context = LayerContext(dtype, device, backend, quantization=quantization, platform=platform)
     with torch.device(device):
         model = model_cls(hf_config, model_config, context)
     loaded = model.load_weights(loader.iter_weights(path, model_config, hf_config))

@@ -1,8 +1,9 @@
 """`--quantization gguf`: keep a GGUF file's Q4_0 / Q4_1 matrices as 4-bit groups.
 
-On CPUs with AVX512-BF16 (and a C++ compiler for the CPU backend's kernels) a layer keeps only the
-4-bit groups, in the layout of `tessera::int4_linear` (backends/cpu/int4_linear.py), which is
-faster than the alternatives at every batch size; the dequantized weight the loader filled is
+Where the platform offers a kernel for 4-bit groups (`Platform.int4_group_kernel()`: the CPU
+platform's `tessera::int4_linear` on CPUs with AVX512-BF16, backends/cpu/int4_linear.py) and it
+suits the layer, the layer keeps only the 4-bit groups in the kernel's layout, which is faster
+than the alternatives at every batch size there; the dequantized weight the loader filled is
 dropped, so the layer holds about a quarter of its bf16 size.
 
 Elsewhere a layer keeps two forms: small batches (decode) are memory-bandwidth bound, so they
@@ -24,7 +25,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from tessera.backends.cpu import int4_linear as cpu_int4
 from tessera.core.interfaces.quantization import LinearMethod, QuantizationMethod
 from tessera.core.layers.linear import UnquantizedLinearMethod
 
@@ -60,8 +60,9 @@ class GgufLinearMethod(LinearMethod):
 
     def create_weights(self, layer: Any, input_size: int, output_size: int, dtype: Any) -> None:
         self.dense.create_weights(layer, input_size, output_size, dtype)
-        layer.int4_blocks = None
-        layer.int4_weight = None
+        layer.int4_blocks = None  # the platform kernel's packed weight, when it is used
+        layer.int4_kernel = None
+        layer.int4_weight = None  # torch's int4 packs, otherwise
         if torch.device(layer.device).type != "cpu" or input_size % GROUP_SIZE:
             return
         qweight = torch.zeros(output_size, input_size, dtype=torch.uint8, device=layer.device)
@@ -77,8 +78,11 @@ class GgufLinearMethod(LinearMethod):
         scales_zeros = layer._parameters.pop("scales_zeros", None)
         if qweight is not None and scales_zeros is not None and not bool(torch.isnan(scales_zeros).any()):
             weight = layer.weight
-            if cpu_int4.usable(weight.shape[0], weight.shape[1], weight.dtype, weight.device):
-                layer.int4_blocks = cpu_int4.int4_repack(qweight.data, scales_zeros.data)
+            platform = getattr(layer, "platform", None)
+            kernel = platform.int4_group_kernel() if platform is not None else None
+            if kernel is not None and kernel.usable(weight.shape[0], weight.shape[1], weight.dtype):
+                layer.int4_kernel = kernel
+                layer.int4_blocks = kernel.pack(qweight.data, scales_zeros.data)
                 del layer.weight  # the 4-bit blocks serve every batch size
                 return
             layer.int4_weight = int4_pack(qweight.data, scales_zeros.data, weight.dtype)
@@ -87,7 +91,7 @@ class GgufLinearMethod(LinearMethod):
 
     def apply(self, layer: Any, x: Any, bias: Any | None) -> Any:
         if layer.int4_blocks is not None:
-            return cpu_int4.int4_linear(x, layer.int4_blocks, bias)
+            return layer.int4_kernel.linear(x, layer.int4_blocks, bias)
         if layer.int4_weight is None or x.numel() > self.max_int4_rows * x.shape[-1]:
             return self.dense.apply(layer, x, bias)
         y = int4_linear(x, *layer.int4_weight, layer.weight.shape[0])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tessera.backends.cpu import int4_linear as cpu_int4
+from tessera.backends.cpu.platform import CpuPlatform
 
 pytestmark = pytest.mark.skipif(
     not cpu_int4.kernel_available(), reason="needs AVX512-BF16 and the CPU kernels built (see the log)"
@@ -72,9 +73,10 @@ def test_runs_inside_a_compiled_graph():
         assert_matches(compiled(x), 2 * (x.float() @ weight.T))
 
 
-def test_usable_only_for_bf16_cpu_layers_of_whole_blocks():
-    assert cpu_int4.usable(960, 576, torch.bfloat16, torch.device("cpu"))
-    assert not cpu_int4.usable(960, 576, torch.float32, torch.device("cpu"))
-    assert not cpu_int4.usable(968, 576, torch.bfloat16, torch.device("cpu"))  # not whole blocks of 16
-    assert not cpu_int4.usable(960, 560, torch.bfloat16, torch.device("cpu"))  # not whole groups of 32
-    assert not cpu_int4.usable(960, 576, torch.bfloat16, torch.device("meta"))
+def test_the_cpu_platform_offers_it_for_bf16_layers_of_whole_blocks():
+    kernel = CpuPlatform().int4_group_kernel()
+    assert kernel is not None
+    assert kernel.usable(960, 576, torch.bfloat16)
+    assert not kernel.usable(960, 576, torch.float32)
+    assert not kernel.usable(968, 576, torch.bfloat16)  # not whole blocks of 16
+    assert not kernel.usable(960, 560, torch.bfloat16)  # not whole groups of 32

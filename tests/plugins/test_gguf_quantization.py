@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tessera.backends.cpu import int4_linear as cpu_int4
+from tessera.backends.cpu.platform import CpuPlatform
 from tessera.core.layers import LayerContext
 from tessera.core.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
 from tessera.plugins.loaders.gguf_file import _FAST_DEQUANT, _INT4_GROUPS, Q4_0, Q4_1
@@ -61,7 +62,7 @@ def test_int4_kernel_matches_the_dequantized_matmul(ggml_type: int, num_rows: in
 
 
 def _context() -> LayerContext:
-    return LayerContext(torch.bfloat16, torch.device("cpu"), None, quantization=GgufQuantization())
+    return LayerContext(torch.bfloat16, torch.device("cpu"), None, quantization=GgufQuantization(), platform=CpuPlatform())
 
 
 def _load(layer, shards: dict, packed: bool = True) -> torch.Tensor:
@@ -86,7 +87,7 @@ def layer_form(request, monkeypatch) -> str:
     if request.param == "int4_kernel" and not cpu_int4.kernel_available():
         pytest.skip("tessera::int4_linear needs AVX512-BF16 and the CPU kernels built")
     if request.param == "torch_int4_and_bf16":
-        monkeypatch.setattr(cpu_int4, "usable", lambda *args: False)
+        monkeypatch.setattr(cpu_int4.CpuInt4GroupKernel, "usable", lambda self, *args: False)
     return request.param
 
 
