@@ -39,33 +39,32 @@ def test_kv_cache_budget_from_config_env_or_free_memory(monkeypatch):
     assert platform.kv_cache_memory_bytes(CacheConfig(kv_cache_memory_fraction=0.25)) == 250
 
 
-def test_platform_bounds_onednn_kernel_caches_and_fixes_malloc_limits(monkeypatch):
-    calls = []
+@pytest.fixture
+def mallopt_calls(monkeypatch) -> list[tuple[int, int]]:
+    """The (parameter, value) of every mallopt call the CPU platform makes (none reach glibc)."""
+    calls: list[tuple[int, int]] = []
 
     class FakeLibc:
         def mallopt(self, parameter, value):
             calls.append((parameter, value))
 
     monkeypatch.setattr("tessera.backends.cpu.platform._libc", FakeLibc)
+    return calls
+
+
+def test_platform_bounds_onednn_kernel_caches_and_fixes_malloc_limits(monkeypatch, mallopt_calls):
     monkeypatch.setattr(os, "environ", {**os.environ, "LRU_CACHE_CAPACITY": "300"})
     os.environ.pop("ONEDNN_PRIMITIVE_CACHE_CAPACITY", None)
     CpuPlatform()
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
     assert os.environ["LRU_CACHE_CAPACITY"] == "300"  # a value the user set wins
-    assert sorted(calls) == [(-3, 1 << 20), (-1, 1 << 20)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    assert sorted(mallopt_calls) == [(-3, 1 << 20), (-1, 1 << 20)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
 
 
-def test_platform_leaves_malloc_limits_the_user_set_in_the_environment(monkeypatch):
-    calls = []
-
-    class FakeLibc:
-        def mallopt(self, parameter, value):
-            calls.append((parameter, value))
-
-    monkeypatch.setattr("tessera.backends.cpu.platform._libc", FakeLibc)
+def test_platform_leaves_malloc_limits_the_user_set_in_the_environment(monkeypatch, mallopt_calls):
     monkeypatch.setattr(os, "environ", {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     CpuPlatform()
-    assert calls == []  # glibc read the user's value at start-up; it is not overwritten
+    assert mallopt_calls == []  # glibc read the user's value at start-up; it is not overwritten
 
 
 def test_default_kv_cache_budget_holds_one_full_length_sequence(monkeypatch):
