@@ -194,3 +194,32 @@ def test_fast_dequantization_is_bit_exact_with_gguf_py(qtype):
     ours = _FAST_DEQUANT[int(kind)](packed.reshape(-1, type_size)).reshape(weights.shape)
     assert np.array_equal(ours, gguf_py.quants.dequantize(packed, kind))
     assert np.abs(ours - weights).max() < 0.5  # and it is a dequantization of `weights`
+
+
+def test_fast_block_sizes_agree_with_gguf_py():
+    import gguf as gguf_py
+
+    from tessera.plugins.loaders.gguf_file import _FAST_BLOCK_BYTES, _FAST_DEQUANT
+
+    assert set(_FAST_BLOCK_BYTES) == set(_FAST_DEQUANT)
+    for ggml_type, type_size in _FAST_BLOCK_BYTES.items():
+        assert gguf_py.GGML_QUANT_SIZES[gguf_py.GGMLQuantizationType(ggml_type)] == (32, type_size)
+
+
+def test_reading_the_embedded_gguf_does_not_import_gguf_py(smollm2_path):
+    # gguf-py pulls in mistral-common, pydantic, requests, ... (~26 MB a serving process keeps);
+    # the types of the default model are decoded without it.
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from tessera.plugins.loaders.gguf_file import GgufFile\n"
+        f"f = GgufFile({smollm2_path!r})\n"
+        "for info in f.tensors.values():\n"
+        "    f.load_tensor(info); f.load_int4_groups(info)\n"
+        "print('gguf imported:', 'gguf' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "gguf imported: False" in result.stdout
