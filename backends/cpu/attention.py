@@ -100,8 +100,13 @@ class CpuAttentionBackend(AttentionBackend):
         num_kv_heads, head_dim = key.shape[1], key.shape[2]
         key_cache = kv_cache[0].view(-1, num_kv_heads, head_dim)  # (num_slots, num_kv_heads, head_dim)
         value_cache = kv_cache[1].view(-1, num_kv_heads, head_dim)
-        key_cache.index_copy_(0, metadata.slot_mapping, key.to(key_cache.dtype))
-        value_cache.index_copy_(0, metadata.slot_mapping, value.to(value_cache.dtype))
+        if key.dtype != kv_cache.dtype:
+            key, value = key.to(kv_cache.dtype), value.to(kv_cache.dtype)
+        if self.kernels is not None:
+            self.kernels.write_kv_cache(kv_cache, key, value, metadata.slot_mapping)
+        else:
+            key_cache.index_copy_(0, metadata.slot_mapping, key)
+            value_cache.index_copy_(0, metadata.slot_mapping, value)
 
         plan = metadata.backend_state.get("cpu")
         if plan is None:

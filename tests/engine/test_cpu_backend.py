@@ -126,6 +126,27 @@ def _metadata(slots, tables, query_lens, seq_lens, block) -> AttentionMetadata:
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_cache_write_matches_index_copy(dtype):
+    """The C++ cache write stores each token's key and value at its slot, from strided views like
+    the ones a fused QKV projection yields, and refuses a slot outside the cache."""
+    backend = _backend(use_kernel=True)
+    gen = torch.Generator().manual_seed(2)
+    cache = torch.randn(2, 5, 4, 2, 8, generator=gen).to(dtype)
+    expected = cache.clone()
+    qkv = torch.randn(3, 2, 2, 8, generator=gen).to(dtype)
+    key, value = qkv[:, 0], qkv[:, 1]  # non-contiguous, as views of one projection
+    slots = torch.tensor([17, 0, 6])
+    backend.kernels.write_kv_cache(cache, key, value, slots)
+    expected[0].view(-1, 2, 8).index_copy_(0, slots, key)
+    expected[1].view(-1, 2, 8).index_copy_(0, slots, value)
+    assert torch.equal(cache, expected)
+    with pytest.raises(RuntimeError, match="slot 20 is outside the cache"):
+        backend.kernels.write_kv_cache(cache, key, value, torch.tensor([1, 20, 2]))
+    with pytest.raises(RuntimeError, match="the cache's dtype"):
+        backend.kernels.write_kv_cache(cache, key.double(), value.double(), slots)
+
+
 @pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_paged_attention_matches_dense_attention(dtype, use_kernel):

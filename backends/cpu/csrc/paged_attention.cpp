@@ -241,3 +241,35 @@ void paged_decode_attention(
   });
 }
 
+
+// kv_cache[0] and kv_cache[1] at slot s (block s / block_size, row s % block_size) get token t's
+// key and value, for s = slot_mapping[t]. kv_cache: (2, num_blocks, block_size, num_kv_heads,
+// head_dim); key, value: (num_tokens, num_kv_heads, head_dim) of the cache's dtype. The same as
+// two index_copy_ calls on the flattened cache, without their per-call set-up (which costs more
+// than the copy: 15-50 us a layer against ~1 us).
+void write_kv_cache(at::Tensor kv_cache, const at::Tensor& key, const at::Tensor& value,
+                    const at::Tensor& slot_mapping) {
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.is_contiguous(),
+              "write_kv_cache: kv_cache must be a contiguous (2, blocks, block_size, kv_heads, head_dim) tensor");
+  TORCH_CHECK(key.dim() == 3 && key.sizes() == value.sizes(), "write_kv_cache: key and value must be (tokens, kv_heads, head_dim)");
+  TORCH_CHECK(key.size(1) == kv_cache.size(3) && key.size(2) == kv_cache.size(4),
+              "write_kv_cache: key rows do not match the cache's heads and head size");
+  TORCH_CHECK(key.scalar_type() == kv_cache.scalar_type() && value.scalar_type() == kv_cache.scalar_type(),
+              "write_kv_cache: key and value must have the cache's dtype");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 && slot_mapping.size(0) == key.size(0),
+              "write_kv_cache: slot_mapping must be one int64 slot per token");
+  const at::Tensor k = key.contiguous(), v = value.contiguous(), slots = slot_mapping.contiguous();
+  const int64_t num_slots = kv_cache.size(1) * kv_cache.size(2);
+  const int64_t row_bytes = k.size(1) * k.size(2) * k.element_size();
+  const int64_t num_tokens = k.size(0);
+  const auto* src_k = static_cast<const char*>(k.data_ptr());
+  const auto* src_v = static_cast<const char*>(v.data_ptr());
+  auto* keys = static_cast<char*>(kv_cache.data_ptr());
+  char* values = keys + num_slots * row_bytes;
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < num_slots, "write_kv_cache: slot ", slot[t], " is outside the cache");
+    std::memcpy(keys + slot[t] * row_bytes, src_k + t * row_bytes, row_bytes);
+    std::memcpy(values + slot[t] * row_bytes, src_v + t * row_bytes, row_bytes);
+  }
+}
