@@ -1,11 +1,13 @@
-"""4-bit GGUF matmuls on CPUs with AVX512-BF16: the weight layout and the `tessera::int4_linear` op.
+"""4-bit GGUF matmuls on CPUs with AVX512-BF16 and VNNI: the weight layout and the `tessera::int4_linear` op.
 
 The kernel (csrc/int4_linear.cpp) multiplies bf16 activations with weights kept as 4-bit groups
-of 32 inputs (GGUF Q4_0 / Q4_1) at every batch size: for one row it reads the 4-bit weights
-(memory bound, about 1.4x faster than torch's int4 kernel), for many rows it decodes each group
-once into registers and multiplies it into up to 8 rows with `vdpbf16ps` (compute bound: faster
-than oneDNN's bf16 GEMM up to 64 rows, within ~10% above). A layer using it therefore needs no
-dequantized bf16 copy of its weight. Measurements: docs/quantization.md.
+of 32 inputs (GGUF Q4_0 / Q4_1) at every batch size. It rounds each group of 32 activations to
+8 bits (as llama.cpp does for these formats) and multiplies them with the 4-bit weights in
+integer arithmetic (`vpdpbusd`): for one row it reads the 4-bit weights (memory bound, ~2x
+faster than torch's int4 kernel), for many rows it splits each group's nibbles once and
+multiplies them into up to 8 rows (compute bound: 1.3-1.5x faster than oneDNN's bf16 GEMM at
+32-512 rows). A layer using it needs no dequantized bf16 copy of its weight. Measurements:
+docs/quantization.md.
 
 `int4_repack` turns (N, K) nibbles and per-group (scale, zero) into the kernel's layout. The CPU
 platform offers the kernel to quantization methods as `CpuInt4GroupKernel` (through
@@ -33,7 +35,7 @@ class Int4Blocks(NamedTuple):
 
 @functools.cache
 def kernel_available() -> bool:
-    """Whether `tessera::int4_linear` runs here: the kernels built, on a CPU with AVX512-BF16.
+    """Whether `tessera::int4_linear` runs here: the kernels built, on a CPU with AVX512-BF16 and VNNI.
     Loading them defines the op (in C++); its shape function for the compiler is added here."""
     module = kernels.load()
     if module is None or not module.int4_linear_supported():
@@ -48,30 +50,16 @@ def _int4_linear_shape(
     return x.new_empty(*x.shape[:-1], packed.shape[0] * BLOCK_COLUMNS)
 
 
-@functools.cache
-def _chunk_order() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For each of a chunk's 64 bytes: which input pair (of the low nibble; the high nibble's is
-    2 more), column and input within the pair it holds. AVX-512's byte unpack works within
-    16-byte lanes: bytes 0-7 of each lane feed pairs 0 and 2, bytes 8-15 pairs 1 and 3, and
-    lane l's bytes become the words 8l..8l+7, where word 2j + u is column j, input u."""
-    byte = torch.arange(64)
-    lane, within = byte // 16, byte % 16
-    word = 8 * lane + within % 8
-    return within // 8, word // 2, word % 2
-
-
 def int4_repack(qweight: torch.Tensor, scales_zeros: torch.Tensor) -> Int4Blocks:
     """The kernel's layout from (N, K) nibbles 0..15 and (N, K/32, 2) float (scale, zero), where
     w = (q - 8) * scale + zero. The kernel keeps GGUF's form w = d q + m with d and m in fp16 (as
     GGUF files store them, so exact for those)."""
     out_features, in_features = qweight.shape
     blocks, groups = out_features // BLOCK_COLUMNS, in_features // GROUP_SIZE
-    # (block, column j, group, chunk c, pair t, input u) -> (block, group, chunk, pair, column, input)
-    q = qweight.to(torch.uint8).reshape(blocks, BLOCK_COLUMNS, groups, 4, 4, 2).permute(0, 2, 3, 4, 1, 5)
-    pair, column, within_pair = _chunk_order()
-    low = q[:, :, :, pair, column, within_pair]
-    high = q[:, :, :, pair + 2, column, within_pair]
-    packed = (low | (high << 4)).reshape(blocks, groups, 256).contiguous()
+    # (block, column j, group, half h, chunk c, byte i): input 16 h + 4 c + i of the group
+    q = qweight.to(torch.uint8).reshape(blocks, BLOCK_COLUMNS, groups, 2, 4, 4)
+    nibbles = q[:, :, :, 0] | (q[:, :, :, 1] << 4)  # (block, column, group, chunk, byte)
+    packed = nibbles.permute(0, 2, 3, 1, 4).reshape(blocks, groups, 256).contiguous()
     scale, zero = scales_zeros[..., 0].float(), scales_zeros[..., 1].float()
     scales_mins = torch.stack([scale, zero - 8 * scale])  # (2, N, K/32): d, m
     scales_mins = scales_mins.reshape(2, blocks, BLOCK_COLUMNS, groups).permute(1, 3, 0, 2)

@@ -1,25 +1,25 @@
 // y = x W^T for bf16 activations and 4-bit weights in groups of 32 (GGUF Q4_0 / Q4_1), on CPUs
-// with AVX512-BF16.
+// with AVX512-BF16 and AVX512-VNNI.
 //
-// Each 4-bit value q (0..15) becomes the bf16 number 128 + q by placing the byte 0x43 above it
-// (0x4300 is 128.0 in bf16, and 128..143 are exact), so one unpack instruction turns 32 nibbles
-// into 32 bf16 weights, and `vdpbf16ps` multiplies them into fp32 sums. With GGUF's w = d q + m
-// per group of 32 inputs (d, m in fp16, as the file stores them),
-//   sum_k x_k w_k = d * sum_k x_k (128 + q_k) + (m - 128 d) * sum_k x_k,
-// so each group needs its dot product with the shifted weights, the sum of its inputs, and two
-// multiply-adds with per-column constants. The products are exact (bf16 x bf16 in fp32) and sums
-// are fp32, as in a bf16 GEMM.
+// The activations are quantized on the fly, like llama.cpp does for these formats: per row and
+// group of 32 inputs, x ~ s * xq with xq = round(x / s) in -127..127 and s = max|x| / 127. With
+// GGUF's w = d q + m per group of 32 inputs (q in 0..15; d, m in fp16, as the file stores them),
+//   sum_k x_k w_k ~ s * (d * sum_k q_k xq_k + m * sum_k xq_k),
+// and `vpdpbusd` multiplies 4 unsigned bytes (q) by 4 signed bytes (xq) into each of 16 int32 lanes
+// in one instruction: 64 products, twice what `vdpbf16ps` does on bf16, with no decoding beyond
+// splitting the nibbles. The integer dot products are exact; rounding the inputs to 8 bits adds a
+// relative error of ~0.6% to a layer's output (bf16 inputs: ~0.2%), small next to the error of
+// 4-bit weights themselves.
 //
-// Weight layout (made by tessera/plugins/quantization/gguf.py, `int4_repack`): columns in blocks
-// of 16, inputs in groups of 32; a group of a block is 256 bytes, four chunks of 64 bytes. A chunk
-// holds 4 pairs of inputs (t = 0..3) for the 16 columns, arranged so that AVX-512's byte unpack
-// (which works within 128-bit lanes) yields, for pair t, the 32 words [col j, input 2t + u] at
-// position 2j + u: low nibbles carry pairs 0 and 1, high nibbles pairs 2 and 3; pairs 0 and 2
-// sit in bytes 0-7 of each 16-byte lane, pairs 1 and 3 in bytes 8-15.
+// Weight layout (made by backends/cpu/int4_linear.py, `int4_repack`): columns in blocks of 16,
+// inputs in groups of 32; a group of a block is 256 bytes, four chunks of 64. In chunk c, byte
+// 4 j + i holds column j's input 4 c + i in its low nibble and input 16 + 4 c + i in its high one,
+// so a chunk's low (high) nibbles are the 16 lanes x 4 bytes that `vpdpbusd` takes for inputs
+// 4 c .. 4 c + 3 (16 + 4 c ..).
 
 #include <torch/extension.h>
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define TESSERA_INT4_LINEAR 1
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -40,48 +40,72 @@ bool int4_linear_supported() {
 #ifdef TESSERA_INT4_LINEAR
 namespace {
 
-constexpr int kGroup = 32;       // inputs per quantization group
-constexpr int kBlock = 16;       // output columns per block (one zmm of fp32 sums)
+constexpr int kGroup = 32;        // inputs per quantization group
+constexpr int kQuads = kGroup / 4;  // 4-byte input lanes per group
+constexpr int kBlock = 16;        // output columns per block (one zmm of sums)
 constexpr int kGroupBytes = 256;  // one group of one column block
-constexpr int kMaxRows = 8;      // rows sharing each unpacked weight register
+constexpr int kMaxRows = 8;       // rows sharing each decoded weight register
+
+// The activations in 8 bits: per row and group, x ~ scale * q.
+struct QuantizedRows {
+  std::vector<int8_t> q;           // (rows, K)
+  std::vector<float> scale;        // (rows, groups)
+  std::vector<float> scaled_sum;   // (rows, groups): scale * sum of the group's q
+};
+
+QuantizedRows quantize_rows(const at::BFloat16* x, int64_t rows, int64_t in_features) {
+  const int64_t groups = in_features / kGroup;
+  QuantizedRows out{std::vector<int8_t>(rows * in_features), std::vector<float>(rows * groups),
+                    std::vector<float>(rows * groups)};
+  for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const at::BFloat16* src = x + m * in_features + g * kGroup;
+      const __m512 lo = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+      const __m512 hi = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 16)));
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+      const __m512 inverse = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+      const __m512i q_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse));  // rounds to nearest even
+      const __m512i q_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse));
+      int8_t* dst = out.q.data() + m * in_features + g * kGroup;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtsepi32_epi8(q_lo));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtsepi32_epi8(q_hi));
+      const float scale = amax / 127.0f;
+      out.scale[m * groups + g] = scale;
+      out.scaled_sum[m * groups + g] = scale * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi)));
+    }
+  }
+  return out;
+}
 
 // One block of 16 columns for R rows: y[r, cols] = sum over groups.
 template <int R>
-inline void block_rows(const uint32_t* x_pairs, int64_t pairs_per_row, const float* x_group_sums,
-                       int64_t groups, const uint8_t* weights, const at::Half* scales_mins,
-                       const float* bias, at::BFloat16* y, int64_t ldy) {
+inline void block_rows(const int32_t* x_quads, int64_t quads_per_row, const float* x_scale, const float* x_sum,
+                       int64_t groups, const uint8_t* weights, const at::Half* scales_mins, const float* bias,
+                       at::BFloat16* y, int64_t ldy) {
   const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
-  const __m512i bf16_128 = _mm512_set1_epi8(0x43);
-  const __m512 shift = _mm512_set1_ps(128.0f);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m512 dot[R];
-    for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_ps();
     const uint8_t* w = weights + g * kGroupBytes;
-    const uint32_t* xg = x_pairs + g * (kGroup / 2);
-#pragma GCC unroll 4
+    __m512i q[kQuads];
     for (int c = 0; c < 4; ++c) {
       const __m512i bytes = _mm512_loadu_si512(w + 64 * c);
-      const __m512i lo = _mm512_and_si512(bytes, low_nibbles);
-      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_nibbles);
-      const __m512bh pair[4] = {
-          (__m512bh)_mm512_unpacklo_epi8(lo, bf16_128), (__m512bh)_mm512_unpackhi_epi8(lo, bf16_128),
-          (__m512bh)_mm512_unpacklo_epi8(hi, bf16_128), (__m512bh)_mm512_unpackhi_epi8(hi, bf16_128)};
-      for (int t = 0; t < 4; ++t) {
-        for (int r = 0; r < R; ++r) {
-          const __m512bh xx = (__m512bh)_mm512_set1_epi32(xg[r * pairs_per_row + 4 * c + t]);
-          dot[r] = _mm512_dpbf16_ps(dot[r], pair[t], xx);
-        }
-      }
+      q[c] = _mm512_and_si512(bytes, low_nibbles);
+      q[c + 4] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_nibbles);
     }
+    __m512i dot[R];
+    for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_si512();
+    const int32_t* xg = x_quads + g * kQuads;
+    for (int c = 0; c < kQuads; ++c)
+      for (int r = 0; r < R; ++r)
+        dot[r] = _mm512_dpbusd_epi32(dot[r], q[c], _mm512_set1_epi32(xg[r * quads_per_row + c]));
     const at::Half* dm = scales_mins + g * 2 * kBlock;  // 16 d, then 16 m
-    const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm)));
-    const __m512 min = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + kBlock)));
-    const __m512 offset = _mm512_fnmadd_ps(shift, scale, min);  // m - 128 d
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm)));
+    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + kBlock)));
     for (int r = 0; r < R; ++r) {
-      acc[r] = _mm512_fmadd_ps(dot[r], scale, acc[r]);
-      acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x_group_sums[r * groups + g]), offset, acc[r]);
+      const __m512 ds = _mm512_mul_ps(d, _mm512_set1_ps(x_scale[r * groups + g]));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), ds, acc[r]);
+      acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(x_sum[r * groups + g]), acc[r]);
     }
   }
   const __m512 b = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
@@ -91,8 +115,8 @@ inline void block_rows(const uint32_t* x_pairs, int64_t pairs_per_row, const flo
   }
 }
 
-using BlockFn = void (*)(const uint32_t*, int64_t, const float*, int64_t, const uint8_t*, const at::Half*,
-                         const float*, at::BFloat16*, int64_t);
+using BlockFn = void (*)(const int32_t*, int64_t, const float*, const float*, int64_t, const uint8_t*,
+                         const at::Half*, const float*, at::BFloat16*, int64_t);
 constexpr BlockFn kBlockFns[kMaxRows + 1] = {nullptr,       block_rows<1>, block_rows<2>,
                                              block_rows<3>, block_rows<4>, block_rows<5>,
                                              block_rows<6>, block_rows<7>, block_rows<8>};
@@ -129,21 +153,9 @@ torch::Tensor int4_linear(const torch::Tensor& input, const torch::Tensor& packe
   auto y = torch::empty(out_shape, x.options());
   if (rows == 0) return y;
 
-  // Per row and group, the sum of the (bf16) inputs.
-  std::vector<float> group_sums(rows * groups);
-  const at::BFloat16* xd = x.data_ptr<at::BFloat16>();
-  for (int64_t m = 0; m < rows; ++m) {
-    for (int64_t g = 0; g < groups; ++g) {
-      const __m512 lo = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(xd + m * in_features + g * kGroup)));
-      const __m512 hi = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(xd + m * in_features + g * kGroup + 16)));
-      group_sums[m * groups + g] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
-    }
-  }
-
-  const auto* x_pairs = reinterpret_cast<const uint32_t*>(xd);
-  const int64_t pairs_per_row = in_features / 2;
+  const QuantizedRows xq = quantize_rows(x.data_ptr<at::BFloat16>(), rows, in_features);
+  const auto* x_quads = reinterpret_cast<const int32_t*>(xq.q.data());
+  const int64_t quads_per_row = in_features / 4;
   const uint8_t* wd = packed.data_ptr<uint8_t>();
   const at::Half* dm = scales_mins.data_ptr<at::Half>();
   at::BFloat16* yd = y.data_ptr<at::BFloat16>();
@@ -151,10 +163,10 @@ torch::Tensor int4_linear(const torch::Tensor& input, const torch::Tensor& packe
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t m = 0; m < rows; m += kMaxRows) {
         const int64_t count = std::min<int64_t>(kMaxRows, rows - m);
-        kBlockFns[count](x_pairs + m * pairs_per_row, pairs_per_row, group_sums.data() + m * groups, groups,
-                         wd + b * groups * kGroupBytes, dm + b * groups * 2 * kBlock,
-                         bias_data ? bias_data + b * kBlock : nullptr, yd + m * out_features + b * kBlock,
-                         out_features);
+        kBlockFns[count](x_quads + m * quads_per_row, quads_per_row, xq.scale.data() + m * groups,
+                         xq.scaled_sum.data() + m * groups, groups, wd + b * groups * kGroupBytes,
+                         dm + b * groups * 2 * kBlock, bias_data ? bias_data + b * kBlock : nullptr,
+                         yd + m * out_features + b * kBlock, out_features);
       }
     }
   });
@@ -165,7 +177,7 @@ torch::Tensor int4_linear(const torch::Tensor& input, const torch::Tensor& packe
 
 torch::Tensor int4_linear(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
                           const c10::optional<torch::Tensor>&) {
-  TORCH_CHECK(false, "int4_linear needs a CPU with AVX512-BF16 (and a build for it)");
+  TORCH_CHECK(false, "int4_linear needs a CPU with AVX512-BF16 and AVX512-VNNI (and a build for it)");
 }
 
 #endif  // TESSERA_INT4_LINEAR
