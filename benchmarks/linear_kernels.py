@@ -7,10 +7,14 @@ stream from memory as in a real step rather than sitting in cache:
   bf16 F.linear     a plain row-major bf16 weight (oneDNN re-lays it out on every call)
   bf16 packed       the weight pre-packed for oneDNN once (core/layers/onednn.py)
   int4 (torch)      GGUF Q4 groups of 32 through aten._weight_int4pack_mm_for_cpu
-  int4 (tessera)    the same groups through tessera::int4_linear (backends/cpu/int4_linear.py),
-                    where the CPU has AVX512-BF16 and the kernels built
+  int4 (tessera)    the same groups through tessera::group_quant_linear
+                    (backends/cpu/group_quant_linear.py), where the CPU has AVX512-BF16 and VNNI
+                    and the kernels built
 
-Prints a markdown table of milliseconds per pass (best of --repeats). A GGUF layer uses tessera's
+A second table times the LM head (49152 x 576, tied to the embedding): oneDNN's packed bf16
+weight against the file's Q8_0 table through tessera::group_quant_linear.
+
+Prints markdown tables of milliseconds per pass (best of --repeats). A GGUF layer uses tessera's
 kernel at every row count where it is available; elsewhere it picks torch's int4 kernel up to
 `MAX_INT4_ROWS` rows and the packed weight above. This is the measurement behind both choices.
 """
@@ -24,7 +28,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from tessera.backends.cpu import int4_linear as cpu_int4
+from tessera.backends.cpu import group_quant_linear as cpu_quant
 from tessera.core.layers import onednn
 from tessera.plugins.quantization.gguf import int4_linear, int4_pack
 
@@ -55,7 +59,7 @@ def main() -> None:
         for n, k in SHAPES
     ]
     int4 = [int4_pack(q, scales_zeros, torch.bfloat16) for q, scales_zeros in groups]
-    blocks = [cpu_int4.int4_repack(q, scales_zeros) for q, scales_zeros in groups] if cpu_int4.kernel_available() else None
+    blocks = [cpu_quant.repack(q, scales_zeros) for q, scales_zeros in groups] if cpu_quant.kernel_available() else None
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms per pass over {len(SHAPES)} matrices")
     print("| rows | bf16 F.linear | bf16 packed | int4 (torch) | int4 (tessera) |")
     print("|---:|---:|---:|---:|---:|")
@@ -70,10 +74,28 @@ def main() -> None:
         else:
             cells.append("-")
         if blocks is not None:
-            mine = best_ms(lambda inputs=inputs: [cpu_int4.int4_linear(inputs[w.shape[1]], b) for w, b in zip(weights, blocks)], args.repeats)
+            mine = best_ms(lambda inputs=inputs: [cpu_quant.group_quant_linear(inputs[w.shape[1]], b) for w, b in zip(weights, blocks)], args.repeats)
             cells.append(f"{mine:.1f}")
         else:
             cells.append("n/a")
+        print(f"| {rows} | " + " | ".join(cells) + " |")
+    lm_head(args, gen)
+
+
+def lm_head(args: argparse.Namespace, gen: torch.Generator) -> None:
+    vocab, hidden = 49152, 576
+    weight = torch.randn(vocab, hidden, generator=gen).to(torch.bfloat16)
+    packed = onednn.prepack(weight)
+    codes = torch.randint(0, 256, (vocab, hidden), dtype=torch.uint8, generator=gen)  # Q8_0 values + 128
+    scale = torch.rand(vocab, hidden // 32, generator=gen) * 0.002
+    blocks = cpu_quant.repack(codes, torch.stack([scale, -120 * scale], -1)) if cpu_quant.kernel_available() else None
+    print(f"\nLM head {vocab} x {hidden}, ms per call")
+    print("| rows | bf16 packed | Q8_0 (tessera) |")
+    print("|---:|---:|---:|")
+    for rows in args.rows:
+        x = torch.randn(rows, hidden, generator=gen).to(torch.bfloat16)
+        cells = [f"{best_ms(lambda x=x: onednn.packed_linear(x, packed), args.repeats):.2f}"]
+        cells.append(f"{best_ms(lambda x=x: cpu_quant.group_quant_linear(x, blocks), args.repeats):.2f}" if blocks else "n/a")
         print(f"| {rows} | " + " | ".join(cells) + " |")
 
 

@@ -2,11 +2,12 @@
 
 Why hand-written C++: decode attention over a paged KV cache has no CPU kernel in torch or in
 the libraries we depend on, and expressing it with stock ops (gather + tiny batched matmuls)
-costs 4-5x more than the kernel (measured in docs/benchmarks.md). The 4-bit matmul
-(csrc/int4_linear.cpp, see backends/cpu/int4_linear.py) is 1.4-2x faster than torch's int4
-kernel and serves every batch size, so a GGUF layer needs no dequantized bf16 copy. The build takes ~30 s once per
-machine and is cached under `~/.cache/tessera/kernels/` (or `$TESSERA_KERNEL_CACHE`), keyed by
-the source, the torch version and the CPU, so a changed source or a different machine rebuilds.
+costs 4-5x more than the kernel (measured in docs/benchmarks.md). The 4- and 8-bit GGUF matmul
+(csrc/group_quant_linear.cpp, see backends/cpu/group_quant_linear.py) is ~2x faster than torch's
+int4 kernel and serves every batch size, so a GGUF layer needs no dequantized bf16 copy. The
+build takes ~30 s once per machine and is cached under `~/.cache/tessera/kernels/` (or
+`$TESSERA_KERNEL_CACHE`), keyed by the source, the torch version and the CPU, so a changed source
+or a different machine rebuilds.
 
 When no C++ compiler is found, or the build fails, `load()` logs why once and returns None; the
 backend then computes the same thing with torch ops. `TESSERA_CPU_KERNELS=0` skips the kernels.
@@ -28,7 +29,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "paged_attention.cpp", "int4_linear.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "paged_attention.cpp", "group_quant_linear.cpp")]
 # -ffast-math lets the compiler vectorize the dot products and exp(); the kernel avoids
 # infinities and NaNs for that reason.
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
@@ -56,7 +57,8 @@ def _build_dir() -> Path:
 
 @functools.cache
 def load() -> Any | None:
-    """The compiled kernel module (`paged_decode_attention`, `int4_linear`), or None when unavailable."""
+    """The compiled kernel module (`paged_decode_attention`, `write_kv_cache`; loading it also
+    registers `tessera::group_quant_linear`), or None when unavailable."""
     if os.environ.get("TESSERA_CPU_KERNELS", "1") == "0":
         logger.info("TESSERA_CPU_KERNELS=0: CPU attention uses torch ops only")
         return None

@@ -134,10 +134,10 @@ class CpuPlatform(Platform):
         if libc is not None and hasattr(libc, "malloc_trim"):
             libc.malloc_trim(0)
 
-    def int4_group_kernel(self) -> Any | None:
-        from tessera.backends.cpu import int4_linear
+    def group_quant_kernel(self) -> Any | None:
+        from tessera.backends.cpu import group_quant_linear
 
-        return int4_linear.CpuInt4GroupKernel() if int4_linear.kernel_available() else None
+        return group_quant_linear.CpuGroupQuantKernel() if group_quant_linear.kernel_available() else None
 
     def make_attention_backend(self) -> Any:
         from tessera.backends.cpu.attention import CpuAttentionBackend

@@ -4,7 +4,12 @@ from tessera.core.interfaces.attention import AttentionBackend, AttentionMetadat
 from tessera.core.interfaces.guided import Grammar, GuidedConstraint, GuidedDecodingBackend
 from tessera.core.interfaces.model import ModelArchitecture
 from tessera.core.interfaces.platform import Platform
-from tessera.core.interfaces.quantization import Int4GroupKernel, LinearMethod, QuantizationMethod
+from tessera.core.interfaces.quantization import (
+    EmbeddingMethod,
+    GroupQuantKernel,
+    LinearMethod,
+    QuantizationMethod,
+)
 from tessera.core.interfaces.reasoning import ReasoningParser
 from tessera.core.interfaces.tokenizer import Tokenizer
 from tessera.core.interfaces.tool_parser import (
@@ -24,7 +29,8 @@ __all__ = [
     "Grammar",
     "GuidedConstraint",
     "GuidedDecodingBackend",
-    "Int4GroupKernel",
+    "EmbeddingMethod",
+    "GroupQuantKernel",
     "LinearMethod",
     "LoadedModelFiles",
     "ModelArchitecture",

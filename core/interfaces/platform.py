@@ -41,9 +41,9 @@ class Platform(ABC):
     def make_attention_backend(self) -> Any:
         """Called at start-up: an AttentionBackend for this device."""
 
-    def int4_group_kernel(self) -> Any | None:
-        """Called while loading a model: an `Int4GroupKernel` (core/interfaces/quantization.py)
-        for layers whose weights are 4-bit groups, or None where the platform has none."""
+    def group_quant_kernel(self) -> Any | None:
+        """Called while loading a model: a `GroupQuantKernel` (core/interfaces/quantization.py)
+        for layers whose weights are 4- or 8-bit groups, or None where the platform has none."""
         return None
 
     def set_seed(self, seed: int) -> None:

@@ -1,4 +1,4 @@
-"""Quantization methods: how linear layers store and multiply quantized weights."""
+"""Quantization methods: how linear layers (and embeddings) store and multiply quantized weights."""
 
 from __future__ import annotations
 
@@ -35,11 +35,41 @@ class QuantizationMethod(ABC):
     def get_linear_method(self, prefix: str) -> LinearMethod:
         """Called by each linear layer's constructor; `prefix` is its parameter path."""
 
+    def get_embedding_method(self) -> EmbeddingMethod | None:
+        """Called by the vocabulary embedding's constructor (unsplit vocabularies only): a method
+        that keeps the table in quantized form, or None for a plain weight (the default)."""
+        return None
 
-class Int4GroupKernel(ABC):
-    """A platform's matmul for weights in 4-bit groups of 32 inputs (GGUF Q4_0 / Q4_1), offered to
-    quantization methods by `Platform.int4_group_kernel()`. The weights arrive as (N, K) nibbles
-    q in 0..15 and (N, K / 32, 2) float (scale, zero), meaning w = (q - 8) * scale + zero."""
+
+class EmbeddingMethod(ABC):
+    """How a vocabulary embedding stores its table, when a quantization method keeps it in its own
+    form. The same module is the LM head when the model ties them (core/layers/embedding.py)."""
+
+    @abstractmethod
+    def create_weights(self, layer: Any, num_embeddings: int, embedding_dim: int, dtype: Any) -> None:
+        """Called in the layer's constructor: register the parameters the checkpoint will fill
+        (besides the plain `weight`, which the layer always has)."""
+
+    @abstractmethod
+    def process_weights_after_loading(self, layer: Any) -> bool:
+        """Called once after all weights are loaded. True: the method serves the layer from now on
+        (it may drop `weight`); False: the layer keeps its plain weight and forgets the method."""
+
+    @abstractmethod
+    def embedding(self, layer: Any, ids: Any) -> Any:
+        """Called in every forward of the embedding: the rows of token `ids`, (..., embedding_dim)."""
+
+    @abstractmethod
+    def apply(self, layer: Any, hidden_states: Any) -> Any:
+        """Called for the LM head: hidden_states (num_rows, embedding_dim) @ table^T."""
+
+
+class GroupQuantKernel(ABC):
+    """A platform's matmul for weights in groups of 32 inputs with unsigned codes of up to 8 bits
+    (GGUF Q4_0 / Q4_1 / Q8_0), offered to quantization methods by `Platform.group_quant_kernel()`.
+    The weights arrive as (N, K) uint8 codes q and (N, K / 32, 2) float (scale, zero), meaning
+    w = (q - 8) * scale + zero (torch's int4 convention; Q4 codes are 0..15, Q8_0's are its signed
+    values + 128)."""
 
     @abstractmethod
     def usable(self, out_features: int, in_features: int, dtype: Any) -> bool:
@@ -52,3 +82,7 @@ class Int4GroupKernel(ABC):
     @abstractmethod
     def linear(self, x: Any, packed: Any, bias: Any | None) -> Any:
         """Called in every forward: y = x W^T (+ bias) for x (..., K); y (..., N) in x's dtype."""
+
+    @abstractmethod
+    def embedding(self, ids: Any, packed: Any) -> Any:
+        """Rows `ids` of W (N, K) from the packed form: (..., K) in the activation dtype."""

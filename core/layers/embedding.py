@@ -10,7 +10,12 @@ from tessera.core.layers import LayerContext
 
 
 class VocabEmbedding(nn.Module):
-    """Each rank holds a contiguous range of `ceil(num_embeddings / tp_size)` rows."""
+    """Each rank holds a contiguous range of `ceil(num_embeddings / tp_size)` rows.
+
+    A quantization method may keep an unsplit table in its own form (`EmbeddingMethod`,
+    core/interfaces/quantization.py): `quant_method` then serves lookups and, for the LM head,
+    the matmul (LogitsProcessor); it is None when the plain `weight` serves.
+    """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, context: LayerContext) -> None:
         super().__init__()
@@ -24,6 +29,16 @@ class VocabEmbedding(nn.Module):
             requires_grad=False,
         )
         self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        self.platform = context.platform
+        self.quant_method = None
+        if context.quantization is not None and context.tp_size == 1:
+            self.quant_method = context.quantization.get_embedding_method()
+        if self.quant_method is not None:
+            self.quant_method.create_weights(self, num_embeddings, embedding_dim, context.dtype)
+
+    def process_weights_after_loading(self) -> None:
+        if self.quant_method is not None and not self.quant_method.process_weights_after_loading(self):
+            self.quant_method = None
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         rows = loaded[self.vocab_start : self.vocab_start + self.rows_per_rank]
@@ -33,6 +48,8 @@ class VocabEmbedding(nn.Module):
         param.data[rows.shape[0] :].zero_()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (num_tokens,) -> (num_tokens, dim)
+        if self.quant_method is not None:
+            return self.quant_method.embedding(self, input_ids)
         if self.tp_size == 1:
             return F.embedding(input_ids, self.weight)
         local = input_ids - self.vocab_start

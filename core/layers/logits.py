@@ -15,7 +15,8 @@ class LogitsProcessor(nn.Module):
     On a CPU with a bf16 LM head, W is also kept in oneDNN's blocked layout (packed on first use,
     once the weights are loaded; core/layers/onednn.py): the same arithmetic, ~1.8x faster for the
     28 M-parameter head of a small model at 1-64 rows (docs/benchmarks.md), for one more copy of
-    the head in memory (the plain one stays: the head is often the input embedding too).
+    the head in memory (the plain one stays: the head is often the input embedding too). A head
+    whose quantization method keeps it in its own form (`lm_head.quant_method`) multiplies that way.
     """
 
     def __init__(self, vocab_size: int, scale: float = 1.0, soft_cap: float | None = None) -> None:
@@ -33,7 +34,10 @@ class LogitsProcessor(nn.Module):
         return onednn.packed_linear(hidden_states, self._packed[1])
 
     def forward(self, lm_head: VocabEmbedding, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = self._matmul(lm_head.weight, hidden_states)  # (num_rows, rows_per_rank)
+        if lm_head.quant_method is not None:  # the table is kept quantized (core/layers/embedding.py)
+            logits = lm_head.quant_method.apply(lm_head, hidden_states)
+        else:
+            logits = self._matmul(lm_head.weight, hidden_states)  # (num_rows, rows_per_rank)
         if lm_head.tp_size > 1:
             shards = [torch.empty_like(logits) for _ in range(lm_head.tp_size)]
             torch.distributed.all_gather(shards, logits)

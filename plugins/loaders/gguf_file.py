@@ -128,16 +128,17 @@ class GgufFile:
         return gguf.quants.dequantize(raw.reshape(num_blocks, type_size), qtype).reshape(info.shape)
 
 
-    def load_int4_groups(self, info: GgufTensorInfo) -> tuple[np.ndarray, np.ndarray] | None:
-        """For Q4_0 / Q4_1 matrices: (N, K) uint8 nibbles q and (N, K / 32, 2) float32 (scale, zero)
-        with w = (q - 8) * scale + zero per group of 32; None for other types."""
-        if info.ggml_type not in _INT4_GROUPS or len(info.shape) != 2:
+    def load_groups(self, info: GgufTensorInfo, max_bits: int = 8) -> tuple[np.ndarray, np.ndarray] | None:
+        """For Q4_0 / Q4_1 (and, with max_bits 8, Q8_0) matrices: (N, K) uint8 codes q and
+        (N, K / 32, 2) float32 (scale, zero) with w = (q - 8) * scale + zero per group of 32; None
+        for other types."""
+        if info.ggml_type not in _GROUPS or _GROUP_BITS[info.ggml_type] > max_bits or len(info.shape) != 2:
             return None
         num_rows, num_cols = info.shape
         num_blocks = num_rows * num_cols // 32
         type_size = _FAST_BLOCK_BYTES[info.ggml_type]
         raw = np.frombuffer(self.data, dtype=np.uint8, count=num_blocks * type_size, offset=info.offset)
-        q, scale_zero = _INT4_GROUPS[info.ggml_type](raw.reshape(num_blocks, type_size))
+        q, scale_zero = _GROUPS[info.ggml_type](raw.reshape(num_blocks, type_size))
         return q.reshape(num_rows, num_cols), scale_zero.reshape(num_rows, num_cols // 32, 2)
 
 
@@ -173,8 +174,15 @@ def _int4_q4_1(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, np.concatenate([d, m + 8 * d], axis=1)  # q*d + m == (q-8)*d + (m+8d)
 
 
+def _groups_q8_0(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    d = _scales(blocks, 0)  # (num_blocks, 1)
+    q = (blocks[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)  # (num_blocks, 32)
+    return q, np.concatenate([d, -120 * d], axis=1)  # (q-8)*d - 120d == (q-128)*d
+
+
 Q4_0, Q4_1, Q8_0 = 2, 3, 8
-_INT4_GROUPS = {Q4_0: _int4_q4_0, Q4_1: _int4_q4_1}
+_GROUPS = {Q4_0: _int4_q4_0, Q4_1: _int4_q4_1, Q8_0: _groups_q8_0}
+_GROUP_BITS = {Q4_0: 4, Q4_1: 4, Q8_0: 8}
 # Block-wise numpy for the common simple types (gguf-py loops over row groups in Python); each
 # block holds 32 values in this many bytes (f16 scale [, f16 min], then the values).
 _FAST_DEQUANT = {Q4_0: _dequant_q4_0, Q4_1: _dequant_q4_1, Q8_0: _dequant_q8_0}

@@ -165,20 +165,30 @@ def _unpermute_llama_qk(hf_name: str, tensor: torch.Tensor, hf_config: Any) -> t
 _FIXUPS: dict[str, Callable[[str, torch.Tensor, Any], torch.Tensor]] = {"llama": _unpermute_llama_qk}
 
 
-def wants_int4_groups(model_config: Any) -> bool:
+def wants_groups(model_config: Any) -> bool:
     """Whether the `gguf` quantization method is in effect (named, or the default: unset)."""
     return getattr(model_config, "quantization", None) in (None, "gguf")
 
 
-def _is_linear_weight(hf_name: str) -> bool:
-    return hf_name.endswith(".weight") and not hf_name.startswith(("lm_head.", "model.embed_tokens."))
+def _group_bits(hf_name: str) -> int:
+    """The widest codes a weight's layer takes as groups: 8 for the token table (embedding, LM
+    head), 4 for linear layers (their fallback is torch's int4 kernel), 0 for anything else."""
+    if not hf_name.endswith(".weight"):
+        return 0
+    return 8 if hf_name.startswith(("lm_head.", "model.embed_tokens.")) else 4
 
 
-def _int4_groups(
-    gguf: GgufFile, info: Any, hf_name: str, hf_config: Any, fixup: Callable[..., torch.Tensor] | None
+def _groups(
+    gguf: GgufFile,
+    info: Any,
+    hf_name: str,
+    max_bits: int,
+    hf_config: Any,
+    fixup: Callable[..., torch.Tensor] | None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """`<layer>.qweight` and `<layer>.scales_zeros` for a Q4_0 / Q4_1 matrix (nothing otherwise)."""
-    groups = gguf.load_int4_groups(info)
+    """`<layer>.qweight` and `<layer>.scales_zeros` for a Q4_0 / Q4_1 / Q8_0 matrix whose codes fit
+    `max_bits` (nothing otherwise)."""
+    groups = gguf.load_groups(info, max_bits)
     if groups is None:
         return
     base = hf_name.removesuffix(".weight")
@@ -226,7 +236,7 @@ class GgufLoader(WeightLoader):
         arch = gguf.architecture()
         to_hf = _llama_name if arch == "llama" else _generic_names(gguf, hf_config)
         fixup = _FIXUPS.get(arch)
-        keep_int4 = wants_int4_groups(model_config)
+        keep_groups = wants_groups(model_config)
         infos = list(gguf.tensors.values())
         for info in progress(infos, len(infos), "Loading GGUF"):
             hf_name = to_hf(info.name)
@@ -238,5 +248,6 @@ class GgufLoader(WeightLoader):
                 array = array.astype(np.float32)
             tensor = torch.from_numpy(array)
             yield hf_name, fixup(hf_name, tensor, hf_config) if fixup else tensor
-            if keep_int4 and _is_linear_weight(hf_name):
-                yield from _int4_groups(gguf, info, hf_name, hf_config, fixup)
+            max_bits = _group_bits(hf_name) if keep_groups else 0
+            if max_bits:
+                yield from _groups(gguf, info, hf_name, max_bits, hf_config, fixup)

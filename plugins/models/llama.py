@@ -172,7 +172,7 @@ class LlamaForCausalLM(nn.Module, ModelArchitecture):
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name or (self.is_tied and name == "lm_head.weight"):
+            if "rotary_emb.inv_freq" in name or (self.is_tied and name.startswith("lm_head.")):
                 continue  # recomputed / shared with the embedding
             shard_id: Any = None
             for fragment, fused, sid in _STACKED:

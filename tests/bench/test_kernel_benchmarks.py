@@ -18,12 +18,18 @@ def _run(script: str, *args: str) -> str:
 
 def test_linear_kernels_prints_one_row_per_row_count() -> None:
     out = _run("linear_kernels.py", "--rows", "1", "64", "--repeats", "1")
-    rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    layers, head = out.split("LM head")
+    rows = [line for line in layers.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [r.split("|")[1].strip() for r in rows] == ["1", "64"]
     assert rows[1].split("|")[4].strip() == "-"  # torch's int4 kernel is timed at decode sizes only
     assert all(float(cell) > 0 for cell in rows[0].split("|")[2:5])
     tessera_int4 = [r.split("|")[5].strip() for r in rows]
     assert all(cell == "n/a" for cell in tessera_int4) or all(float(cell) > 0 for cell in tessera_int4)
+    head_rows = [line for line in head.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [r.split("|")[1].strip() for r in head_rows] == ["1", "64"]
+    assert all(float(r.split("|")[2]) > 0 for r in head_rows)
+    tessera_q8 = [r.split("|")[3].strip() for r in head_rows]
+    assert all(cell == "n/a" for cell in tessera_q8) or all(float(cell) > 0 for cell in tessera_q8)
 
 
 def test_attention_kernels_prints_decode_and_prefill_tables() -> None:

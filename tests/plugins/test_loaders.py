@@ -196,6 +196,23 @@ def test_fast_dequantization_is_bit_exact_with_gguf_py(qtype):
     assert np.abs(ours - weights).max() < 0.5  # and it is a dequantization of `weights`
 
 
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_groups_encode_exactly_the_dequantized_values(qtype):
+    """The codes and (scale, zero) the loader hands to quantization methods mean the same weights
+    as the dequantized tensor: w = (q - 8) * scale + zero, with Q8_0's signed values shifted by 128."""
+    import gguf as gguf_py
+
+    from tessera.plugins.loaders.gguf_file import _FAST_DEQUANT, _GROUPS
+
+    kind = gguf_py.GGMLQuantizationType[qtype]
+    weights = np.random.default_rng(1).standard_normal((8, 64)).astype(np.float32)
+    blocks = gguf_py.quants.quantize(weights, kind).reshape(-1, gguf_py.GGML_QUANT_SIZES[kind][1])
+    q, scale_zero = _GROUPS[int(kind)](blocks)
+    assert q.dtype == np.uint8 and q.max() <= (15 if qtype.startswith("Q4") else 255)
+    decoded = (q.astype(np.float32) - 8) * scale_zero[:, :1] + scale_zero[:, 1:]
+    assert np.array_equal(decoded, _FAST_DEQUANT[int(kind)](blocks))
+
+
 def test_fast_block_sizes_agree_with_gguf_py():
     import gguf as gguf_py
 
@@ -217,7 +234,7 @@ def test_reading_the_embedded_gguf_does_not_import_gguf_py(smollm2_path):
         "from tessera.plugins.loaders.gguf_file import GgufFile\n"
         f"f = GgufFile({smollm2_path!r})\n"
         "for info in f.tensors.values():\n"
-        "    f.load_tensor(info); f.load_int4_groups(info)\n"
+        "    f.load_tensor(info); f.load_groups(info)\n"
         "print('gguf imported:', 'gguf' in sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

@@ -7,13 +7,13 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& query, const at::T
                             const at::Tensor& seq_lens, double scale);
 void write_kv_cache(at::Tensor kv_cache, const at::Tensor& key, const at::Tensor& value,
                     const at::Tensor& slot_mapping);
-bool int4_linear_supported();  // int4_linear.cpp, which registers the op tessera::int4_linear
+bool group_quant_linear_supported();  // group_quant_linear.cpp, which registers tessera::group_quant_linear
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "out[r] = softmax(q[r] K_r^T * scale) V_r over request r's cached tokens (decode)");
   m.def("write_kv_cache", &write_kv_cache,
         "kv_cache[0 and 1] at slot_mapping[t] = key[t] and value[t] (the step's new tokens)");
-  m.def("int4_linear_supported", &int4_linear_supported,
-        "whether torch.ops.tessera.int4_linear was built (it needs AVX512-BF16)");
+  m.def("group_quant_linear_supported", &group_quant_linear_supported,
+        "whether torch.ops.tessera.group_quant_linear was built (it needs AVX512-BF16 and VNNI)");
 }
