@@ -56,6 +56,30 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tenso
     return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
+def _loaded_groups(layer: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Remove the layer's `qweight` / `scales_zeros`; return them if the checkpoint filled every
+    group (NaN marks a group no shard filled), else None."""
+    qweight = layer._parameters.pop("qweight", None)
+    scales_zeros = layer._parameters.pop("scales_zeros", None)
+    if qweight is None or scales_zeros is None or bool(torch.isnan(scales_zeros).any()):
+        return None
+    return qweight.data, scales_zeros.data
+
+
+def _pack_for_platform_kernel(layer: Any, qweight: torch.Tensor, scales_zeros: torch.Tensor) -> bool:
+    """Where the platform's group kernel suits the layer: keep only its packed groups (the plain
+    `weight` is deleted) and say True."""
+    platform = getattr(layer, "platform", None)
+    kernel = platform.group_quant_kernel() if platform is not None else None
+    weight = layer.weight
+    if kernel is None or not kernel.usable(weight.shape[0], weight.shape[1], weight.dtype):
+        return False
+    layer.group_kernel = kernel
+    layer.group_blocks = kernel.pack(qweight, scales_zeros)
+    del layer.weight
+    return True
+
+
 class GgufLinearMethod(LinearMethod):
     """When every shard arrived as Q4: only the 4-bit blocks of `tessera::group_quant_linear` where
     it is usable, else the dequantized weight for big batches plus torch's int4 packs for small ones."""
@@ -80,18 +104,11 @@ class GgufLinearMethod(LinearMethod):
             layer.register_parameter(name, param)
 
     def process_weights_after_loading(self, layer: Any) -> None:
-        qweight = layer._parameters.pop("qweight", None)
-        scales_zeros = layer._parameters.pop("scales_zeros", None)
-        if qweight is not None and scales_zeros is not None and not bool(torch.isnan(scales_zeros).any()):
-            weight = layer.weight
-            platform = getattr(layer, "platform", None)
-            kernel = platform.group_quant_kernel() if platform is not None else None
-            if kernel is not None and kernel.usable(weight.shape[0], weight.shape[1], weight.dtype):
-                layer.group_kernel = kernel
-                layer.group_blocks = kernel.pack(qweight.data, scales_zeros.data)
-                del layer.weight  # the 4-bit blocks serve every batch size
-                return
-            layer.int4_weight = int4_pack(qweight.data, scales_zeros.data, weight.dtype)
+        groups = _loaded_groups(layer)
+        if groups is not None:
+            if _pack_for_platform_kernel(layer, *groups):
+                return  # the 4-bit blocks serve every batch size
+            layer.int4_weight = int4_pack(*groups, layer.weight.dtype)
         # else not every shard was Q4_0 / Q4_1: only the dequantized weight is used
         self.dense.process_weights_after_loading(layer)
 
@@ -120,19 +137,8 @@ class GgufEmbeddingMethod(EmbeddingMethod):
             layer.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
 
     def process_weights_after_loading(self, layer: Any) -> bool:
-        qweight = layer._parameters.pop("qweight", None)
-        scales_zeros = layer._parameters.pop("scales_zeros", None)
-        if qweight is None or scales_zeros is None or bool(torch.isnan(scales_zeros).any()):
-            return False  # the file's table is another type: the plain weight serves
-        platform = getattr(layer, "platform", None)
-        kernel = platform.group_quant_kernel() if platform is not None else None
-        num_embeddings, embedding_dim = layer.weight.shape
-        if kernel is None or not kernel.usable(num_embeddings, embedding_dim, layer.weight.dtype):
-            return False
-        layer.group_kernel = kernel
-        layer.group_blocks = kernel.pack(qweight.data, scales_zeros.data)
-        del layer.weight  # the groups serve lookups and the LM head
-        return True
+        groups = _loaded_groups(layer)  # None: the file's table is another type
+        return groups is not None and _pack_for_platform_kernel(layer, *groups)
 
     def embedding(self, layer: Any, ids: Any) -> Any:
         return layer.group_kernel.embedding(ids, layer.group_blocks)
