@@ -97,20 +97,23 @@ class CpuAttentionBackend(AttentionBackend):
         metadata: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:  # (num_tokens, num_heads, head_dim)
+        if key.dtype != kv_cache.dtype:
+            key, value = key.to(kv_cache.dtype), value.to(kv_cache.dtype)
+        plan = metadata.backend_state.get("cpu")
+        if plan is None:
+            plan = metadata.backend_state["cpu"] = self._plan(metadata)
+        if self.kernels is not None and not plan.prefills:  # decode-only: one C++ call stores and attends
+            return self.kernels.paged_decode_step(
+                query, key, value, kv_cache, metadata.slot_mapping, plan.decode_tables, plan.decode_seq_lens, scale
+            )
         num_kv_heads, head_dim = key.shape[1], key.shape[2]
         key_cache = kv_cache[0].view(-1, num_kv_heads, head_dim)  # (num_slots, num_kv_heads, head_dim)
         value_cache = kv_cache[1].view(-1, num_kv_heads, head_dim)
-        if key.dtype != kv_cache.dtype:
-            key, value = key.to(kv_cache.dtype), value.to(kv_cache.dtype)
         if self.kernels is not None:
             self.kernels.write_kv_cache(kv_cache, key, value, metadata.slot_mapping)
         else:
             key_cache.index_copy_(0, metadata.slot_mapping, key)
             value_cache.index_copy_(0, metadata.slot_mapping, value)
-
-        plan = metadata.backend_state.get("cpu")
-        if plan is None:
-            plan = metadata.backend_state["cpu"] = self._plan(metadata)
         if not plan.prefills:  # decode-only step: no scatter needed
             return self._decode(query, kv_cache, key_cache, value_cache, plan, scale)
         out = torch.empty_like(query)

@@ -7,6 +7,9 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& query, const at::T
                             const at::Tensor& seq_lens, double scale);
 void write_kv_cache(at::Tensor kv_cache, const at::Tensor& key, const at::Tensor& value,
                     const at::Tensor& slot_mapping);
+at::Tensor paged_decode_step(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                             at::Tensor kv_cache, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                             const at::Tensor& seq_lens, double scale);
 bool group_quant_linear_supported();  // group_quant_linear.cpp, which registers tessera::group_quant_linear
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -14,6 +17,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out[r] = softmax(q[r] K_r^T * scale) V_r over request r's cached tokens (decode)");
   m.def("write_kv_cache", &write_kv_cache,
         "kv_cache[0 and 1] at slot_mapping[t] = key[t] and value[t] (the step's new tokens)");
+  m.def("paged_decode_step", &paged_decode_step,
+        "write_kv_cache, then paged_decode_attention into a new output: one layer of a decode-only step");
   m.def("group_quant_linear_supported", &group_quant_linear_supported,
         "whether torch.ops.tessera.group_quant_linear was built (it needs AVX512-BF16 and VNNI)");
 }

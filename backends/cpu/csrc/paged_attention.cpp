@@ -273,3 +273,16 @@ void write_kv_cache(at::Tensor kv_cache, const at::Tensor& key, const at::Tensor
     std::memcpy(values + slot[t] * row_bytes, src_v + t * row_bytes, row_bytes);
   }
 }
+
+// One layer of a decode-only step: store the step's keys and values, then attend. The same as
+// write_kv_cache followed by paged_decode_attention, in one call from Python: at one request the
+// Python around the two calls (cache views, the output's allocation) cost as much as the kernels.
+at::Tensor paged_decode_step(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                             at::Tensor kv_cache, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                             const at::Tensor& seq_lens, double scale) {
+  write_kv_cache(kv_cache, key, value, slot_mapping);
+  const at::Tensor q = query.contiguous();
+  at::Tensor out = at::empty_like(q);
+  paged_decode_attention(out, q, kv_cache.select(0, 0), kv_cache.select(0, 1), block_tables, seq_lens, scale);
+  return out;
+}
