@@ -1,7 +1,10 @@
 """CPU attention per layer with SmolLM2's heads (9 query, 3 KV, dim 64, bf16), timed.
 
   decode   the C++ kernel (backends/cpu/csrc/paged_attention.cpp) for R requests x L cached
-           tokens, blocks of 16 scattered over the cache
+           tokens, blocks of 16 scattered over the cache; then the whole layer call a compiled
+           graph makes in a decode-only step (`tessera::attention`: the op's dispatch, the
+           backend's Python, storing the step's keys and values, the kernel), so the difference
+           is what the layer adds around the kernel
   prefill  one prompt of L tokens through torch's SDPA, with 3-d inputs (torch's unfused math
            path) and with the 4-d inputs the backend passes (its flash-attention kernel)
 
@@ -18,6 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from tessera.backends.cpu import kernels
+from tessera.backends.cpu.attention import CpuAttentionBackend
+from tessera.core.interfaces.attention import AttentionMetadata
+from tessera.core.layers import LayerContext
+from tessera.core.layers.attention import Attention, step_context
 
 HEADS, KV_HEADS, DIM, BLOCK = 9, 3, 64, 16
 
@@ -46,6 +53,38 @@ def decode_us(module: object, num_reqs: int, length: int, repeats: int) -> float
     return best_us(lambda: module.paged_decode_attention(out, query, keys, values, tables, lengths, DIM**-0.5), repeats)
 
 
+def layer_call_us(num_reqs: int, length: int, repeats: int) -> float:
+    """`tessera::attention` for one layer of a decode-only step, as the compiled graph calls it."""
+    gen = torch.Generator().manual_seed(0)
+    backend = CpuAttentionBackend()
+    context = LayerContext(dtype=torch.bfloat16, device=torch.device("cpu"), attention_backend=backend)
+    layer = Attention(HEADS, DIM, KV_HEADS, context)
+    layer.layer_index = 0
+    blocks_per_req = -(-length // BLOCK)
+    num_blocks = num_reqs * blocks_per_req
+    cache = backend.allocate_kv_cache(num_blocks, BLOCK, KV_HEADS, DIM, torch.bfloat16, "cpu")
+    cache.normal_(generator=gen)
+    tables = torch.randperm(num_blocks, generator=gen).view(num_reqs, blocks_per_req).to(torch.int32)
+    positions = torch.full((num_reqs,), length - 1)
+    slots = tables.long()[torch.arange(num_reqs), positions // BLOCK] * BLOCK + positions % BLOCK
+    metadata = AttentionMetadata(
+        slot_mapping=slots,
+        block_tables=tables,
+        seq_lens=torch.full((num_reqs,), length, dtype=torch.int32),
+        query_start_loc=torch.arange(num_reqs + 1, dtype=torch.int32),
+        query_lens_cpu=[1] * num_reqs,
+        seq_lens_cpu=[length] * num_reqs,
+        max_query_len=1,
+        max_seq_len=length,
+        block_size=BLOCK,
+        is_decode_only=True,
+    )
+    query = torch.randn(num_reqs, HEADS * DIM, generator=gen).to(torch.bfloat16)
+    key, value = (torch.randn(num_reqs, KV_HEADS * DIM, generator=gen).to(torch.bfloat16) for _ in range(2))
+    with torch.inference_mode(), step_context([layer], [cache], metadata):
+        return best_us(lambda: torch.ops.tessera.attention(query, key, value, 0), repeats)
+
+
 def prefill_us(length: int, batched: bool, repeats: int) -> float:
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(HEADS, length, DIM, generator=gen).to(torch.bfloat16)
@@ -65,9 +104,11 @@ def main() -> None:
     if module is None:
         print("the C++ kernels are unavailable here (see the log); decode not measured")
     else:
-        print("| decoding requests x context | kernel (us) |\n|---|---:|")
+        print("| decoding requests x context | kernel (us) | layer call (us) |\n|---|---:|---:|")
         for num_reqs, length in ((1, 100), (1, 2000), (32, 100), (32, 600)):
-            print(f"| {num_reqs} x {length} | {decode_us(module, num_reqs, length, args.repeats):,.0f} |")
+            kernel = decode_us(module, num_reqs, length, args.repeats)
+            call = layer_call_us(num_reqs, length, args.repeats)
+            print(f"| {num_reqs} x {length} | {kernel:,.0f} | {call:,.0f} |")
     print("\n| prompt tokens | SDPA 3-d inputs (us) | SDPA 4-d inputs (us) |\n|---|---:|---:|")
     for length in (128, 300, 600):
         unbatched, batched = (prefill_us(length, b, args.repeats) for b in (False, True))
