@@ -6,7 +6,8 @@ csrc/paged_attention.cpp (or, without a compiler, by a gather into a padded batc
 matmuls). Prefills are few per step and large, so each runs as one SDPA call: on its own K/V when
 the whole sequence is in this step, else on its cached K/V gathered by slot with a causal mask
 offset to the chunk's position. What the step's layout implies (which rows decode, the gather
-indices, the masks) is computed by the first layer and reused by the others.
+indices, the masks) is computed by the first layer and reused by the others. In a decode-only
+step each layer is a single C++ call that stores the step's keys and values and attends.
 """
 
 from __future__ import annotations
