@@ -39,8 +39,8 @@ def step_context(layers: Sequence[Attention], kv_caches: Sequence[Any], metadata
 
 
 # Registered with `torch.library.Library` rather than `torch.library.custom_op`: the dispatcher then
-# calls the Python function directly, where `custom_op` adds its own wrappers (autograd and
-# Dynamo-disabling layers) that cost ~20 us a call; with 30 layers that was ~10% of a one-token step.
+# calls the Python function directly, where `custom_op` adds its own wrappers (autograd and a
+# Dynamo-disabling layer), ~5 us a call, once per layer and step (docs/benchmarks.md).
 _library = torch.library.Library("tessera", "FRAGMENT")
 _library.define("attention(Tensor query, Tensor key, Tensor value, int layer_index) -> Tensor")
 
