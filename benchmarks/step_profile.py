@@ -6,7 +6,8 @@ of every step by wrapping the engine's own methods:
 
   schedule        Scheduler.schedule            (which requests run, KV blocks)
   prepare inputs  ModelRunner._prepare_inputs   (flat token ids, positions, attention layout)
-  forward         ModelRunner.forward           (the model, compiled unless --enforce-eager)
+  forward         ModelRunner.forward           (the model, compiled unless --enforce-eager), and
+                  the model's decode_only_forward (the platform's decoder stack) where it has one
   lm head         model.compute_logits          (hidden states -> logits)
   sampling        build_sampling_batch + sample
   update          Scheduler.update_from_output  (append tokens, stop checks, free blocks)
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import time
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -73,6 +75,20 @@ class Timer:
 
         setattr(owner, name, timed)
 
+    def wrap_decode_only_forward(self) -> None:
+        """Time the forward `LlamaForCausalLM.decode_only_forward` returns, as "forward"."""
+        inner = LlamaForCausalLM.decode_only_forward
+
+        def wrapped(model: LlamaForCausalLM) -> Any:
+            forward = inner(model)
+            if forward is None:
+                return None
+            holder = types.SimpleNamespace(forward=forward)
+            self.wrap(holder, "forward", "forward")
+            return holder.forward
+
+        LlamaForCausalLM.decode_only_forward = wrapped  # type: ignore[method-assign]
+
     def wrap_step(self) -> None:
         inner = EngineCore.step
 
@@ -91,6 +107,7 @@ def install(enforce_eager: bool) -> None:
         if label == "forward" and enforce_eager:
             owner, name = LlamaForCausalLM, "__call__"
         TIMER.wrap(owner, name, label)
+    TIMER.wrap_decode_only_forward()
     TIMER.wrap_step()
 
 

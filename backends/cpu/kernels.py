@@ -29,7 +29,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "paged_attention.cpp", "group_quant_linear.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("bindings.cpp", "paged_attention.cpp", "group_quant_linear.cpp", "decoder_stack.cpp")]
 # -ffast-math lets the compiler vectorize the dot products and exp(); the kernel avoids
 # infinities and NaNs for that reason.
 CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]

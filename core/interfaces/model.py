@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 
@@ -36,3 +36,10 @@ class ModelArchitecture(ABC):
     @abstractmethod
     def kv_cache_spec(self) -> tuple[int, int, int]:
         """Called before the KV cache is allocated: (num_layers, num_kv_heads, head_dim)."""
+
+    def decode_only_forward(self) -> Callable[[Any, Any, list[Any], Any], Any] | None:
+        """Called once after loading: a faster `forward` for steps in which every request computes
+        one token (a platform's `DecoderStackKernel`, core/interfaces/decoder_stack.py), run
+        instead of `forward` (compiled or not) for those steps; None (the default) where there is
+        none. It must compute what `forward` computes."""
+        return None

@@ -46,6 +46,12 @@ class Platform(ABC):
         for layers whose weights are 4- or 8-bit groups, or None where the platform has none."""
         return None
 
+    def decoder_stack_kernel(self) -> Any | None:
+        """Called after loading a model: a `DecoderStackKernel` (core/interfaces/decoder_stack.py)
+        that runs a whole Llama-layout layer stack for decode-only steps, or None where the
+        platform has none."""
+        return None
+
     def set_seed(self, seed: int) -> None:
         """Called at start-up with `--seed`."""
         import torch

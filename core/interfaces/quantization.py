@@ -20,6 +20,11 @@ class LinearMethod(ABC):
     def apply(self, layer: Any, x: Any, bias: Any | None) -> Any:
         """Called in every forward: y = x W^T (+ bias)."""
 
+    def group_quant_weight(self, layer: Any) -> Any | None:
+        """Called after loading: the layer's weight in the platform's `GroupQuantKernel` layout when
+        `apply` multiplies with that kernel (a `DecoderStackKernel` takes it), else None."""
+        return None
+
 
 class QuantizationMethod(ABC):
     """Registered under a `--quantization` name."""

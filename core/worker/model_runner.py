@@ -51,6 +51,11 @@ class ModelRunner:
             compiled = CompiledForward(self.model)
             self.compile_seconds = compiled.warm_up(self.kv_caches, block_size, self.device)
             self.forward = compiled
+        # steps in which every request decodes one token: the platform's decoder stack, if the
+        # model has one (core/interfaces/decoder_stack.py), else the same forward
+        self.decode_only_forward: Any = self.model.decode_only_forward() or self.forward
+        if self.decode_only_forward is not self.forward:
+            logger.info("decode-only steps run through the platform's decoder stack kernel")
 
     # -- state -------------------------------------------------------------------------------
     def _update_states(self, out: SchedulerOutput) -> None:
@@ -165,7 +170,8 @@ class ModelRunner:
         if out.is_empty:
             return ModelRunnerOutput(sampled_token_ids={})
         input_ids, positions, metadata, states, sample_indices = self._prepare_inputs(out)
-        hidden = self.forward(input_ids, positions, self.kv_caches, metadata)  # (num_tokens, hidden)
+        forward = self.decode_only_forward if metadata.is_decode_only else self.forward
+        hidden = forward(input_ids, positions, self.kv_caches, metadata)  # (num_tokens, hidden)
         prompt_logprobs = self._prompt_logprobs(out, hidden) if _wants_prompt_logprobs(out, self.requests) else {}
         if not states:
             return ModelRunnerOutput(sampled_token_ids={}, prompt_logprobs=prompt_logprobs)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -11,6 +11,7 @@ from torch import nn
 
 from tessera.core.errors import ConfigError
 from tessera.core.interfaces.attention import AttentionMetadata
+from tessera.core.interfaces.decoder_stack import DecoderLayerWeights, DecoderStackSpec
 from tessera.core.interfaces.model import ModelArchitecture
 from tessera.core.layers import LayerContext
 from tessera.core.layers.activation import GatedActivation
@@ -167,6 +168,56 @@ class LlamaForCausalLM(nn.Module, ModelArchitecture):
     def kv_cache_spec(self) -> tuple[int, int, int]:
         attn = self.model.layers[0].self_attn.attn
         return len(self.model.layers), attn.num_kv_heads, attn.head_dim
+
+    def decode_only_forward(self) -> Callable[[Any, Any, list[Any], Any], Any] | None:
+        """The platform's decoder stack over these layers, where it has one and every projection
+        is in its group kernel's layout (GGUF Q4 weights on the CPU); the embedding stays here."""
+        kernel = self.context.platform.decoder_stack_kernel() if self.context.platform is not None else None
+        spec = self._decoder_stack_spec() if kernel is not None and self.context.tp_size == 1 else None
+        stack = kernel.build(spec) if spec is not None else None
+        if stack is None:
+            return None
+        embed_tokens = self.model.embed_tokens
+
+        def forward(input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[Any], metadata: Any) -> torch.Tensor:
+            return stack(embed_tokens(input_ids), positions, kv_caches, metadata)
+
+        return forward
+
+    def _decoder_stack_spec(self) -> DecoderStackSpec | None:
+        layers = []
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            weights = [p.linear_method.group_quant_weight(p) for p in projections]
+            if any(w is None for w in weights):
+                return None
+            layers.append(
+                DecoderLayerWeights(
+                    input_norm=layer.input_layernorm.weight,
+                    qkv=weights[0],
+                    qkv_bias=attn.qkv_proj.bias,
+                    o=weights[1],
+                    o_bias=attn.o_proj.bias,
+                    post_attention_norm=layer.post_attention_layernorm.weight,
+                    gate_up=weights[2],
+                    gate_up_bias=mlp.gate_up_proj.bias,
+                    down=weights[3],
+                    down_bias=mlp.down_proj.bias,
+                )
+            )
+        first = self.model.layers[0].self_attn
+        return DecoderStackSpec(
+            layers=tuple(layers),
+            final_norm=self.model.norm.weight,
+            rms_norm_eps=self.model.norm.eps,
+            num_heads=first.attn.num_heads,
+            num_kv_heads=first.attn.num_kv_heads,
+            head_dim=first.attn.head_dim,
+            attention_scale=first.attn.scale,
+            cos_cache=first.rotary_emb.cos_cache,
+            sin_cache=first.rotary_emb.sin_cache,
+        )
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = dict(self.named_parameters())

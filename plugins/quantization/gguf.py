@@ -120,6 +120,9 @@ class GgufLinearMethod(LinearMethod):
         y = int4_linear(x, *layer.int4_weight, layer.weight.shape[0])
         return y if bias is None else y + bias
 
+    def group_quant_weight(self, layer: Any) -> Any | None:
+        return layer.group_blocks
+
 
 class GgufEmbeddingMethod(EmbeddingMethod):
     """A Q8_0 / Q4 token table in the platform kernel's layout, where it has one that suits the

@@ -11,6 +11,7 @@ at::Tensor paged_decode_step(const at::Tensor& query, const at::Tensor& key, con
                              at::Tensor kv_cache, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                              const at::Tensor& seq_lens, double scale);
 bool group_quant_linear_supported();  // group_quant_linear.cpp, which registers tessera::group_quant_linear
+void bind_decoder_stack(pybind11::module& m);  // decoder_stack.cpp: the DecoderStack class
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
@@ -21,4 +22,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "write_kv_cache, then paged_decode_attention into a new output: one layer of a decode-only step");
   m.def("group_quant_linear_supported", &group_quant_linear_supported,
         "whether torch.ops.tessera.group_quant_linear was built (it needs AVX512-BF16 and VNNI)");
+  bind_decoder_stack(m);
 }

@@ -1,0 +1,228 @@
+// A whole stack of Llama-layout decoder layers for one decode-only step, in one call.
+//
+// Each layer: h = RMSNorm(x); q, k, v = split(h W_qkv^T); rotate q, k by position ("rotate half");
+// attend over the paged cache (storing k, v first); x += o W_o^T; h = RMSNorm(x);
+// x += (silu(h W_gate^T) * (h W_up^T)) W_down^T. The matmuls are tessera::group_quant_linear (the
+// weights GGUF 4-bit groups), attention is paged_decode_step; the rest is a few small loops here.
+//
+// Why: under torch.compile a one-token step of SmolLM2-135M runs ~450 ops (120 matmuls, 30
+// attention calls, ~150 generated loops and their allocations), each entered from Python or the
+// dispatcher, and each a fork/join of the OpenMP team. At one request the arithmetic is ~2.5 ms of
+// a ~5.5 ms forward; the rest was that per-op overhead, with the second core waiting
+// (docs/benchmarks.md). Here the only parallel regions are the matmuls and attention.
+//
+// Rounding follows the model's ops: the residual stream and every op's output are bf16; norms,
+// rotation and the activation compute in fp32 and round once (as inductor's fused loops do).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+torch::Tensor group_quant_linear(const torch::Tensor& input, const torch::Tensor& packed,
+                                 const torch::Tensor& scales_mins, const c10::optional<torch::Tensor>& bias);
+at::Tensor paged_decode_step(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                             at::Tensor kv_cache, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                             const at::Tensor& seq_lens, double scale);
+
+namespace {
+
+using bf16 = at::BFloat16;
+
+// Rows per thread in the elementwise loops: one decode row is a few hundred values, far less
+// than an OpenMP fork/join costs, so small batches stay on the calling thread.
+constexpr int64_t kRowsPerTask = 8;
+
+struct Linear {
+  at::Tensor packed, scales_mins;
+  c10::optional<at::Tensor> bias;
+
+  int64_t out_features() const { return packed.size(0) * 16; }
+  int64_t in_features() const { return packed.size(1) * 32; }
+  at::Tensor operator()(const at::Tensor& x) const { return group_quant_linear(x, packed, scales_mins, bias); }
+};
+
+struct Layer {
+  at::Tensor input_norm, post_attention_norm;
+  Linear qkv, o, gate_up, down;
+};
+
+// With `add`: residual += add (rounded to bf16). Then out = RMSNorm(residual) * weight.
+// residual, add, out: (rows, dim) contiguous; weight: (dim,).
+void add_rms_norm(bf16* residual, const bf16* add, const bf16* weight, bf16* out, int64_t rows, int64_t dim,
+                  float eps) {
+  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      bf16* x = residual + r * dim;
+      float sum_sq = 0.f;
+      for (int64_t i = 0; i < dim; ++i) {
+        if (add != nullptr) x[i] = bf16(float(x[i]) + float(add[r * dim + i]));
+        const float v = float(x[i]);
+        sum_sq += v * v;
+      }
+      const float inv_rms = 1.f / std::sqrt(sum_sq / float(dim) + eps);
+      for (int64_t i = 0; i < dim; ++i) out[r * dim + i] = bf16(float(weight[i]) * float(bf16(float(x[i]) * inv_rms)));
+    }
+  });
+}
+
+// Splits a (rows, (num_heads + 2 num_kv_heads) head_dim) projection into q, k, v and rotates the
+// first rotary_dim features of each q and k head by the row's position ("rotate half": feature i
+// pairs with i + rotary_dim / 2). cos, sin: (num_positions, rotary_dim).
+void split_rotate(const bf16* qkv, const int64_t* positions, const bf16* cos, const bf16* sin, int64_t num_positions,
+                  int64_t rotary_dim, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, bf16* q, bf16* k,
+                  bf16* v, int64_t rows) {
+  const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
+  const int64_t half = rotary_dim / 2;
+  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t position = positions[r];
+      TORCH_CHECK(position >= 0 && position < num_positions, "decoder stack: position ", position,
+                  " is outside the rotary table (", num_positions, " positions)");
+      const bf16* c = cos + position * rotary_dim;
+      const bf16* s = sin + position * rotary_dim;
+      const bf16* row = qkv + r * (q_size + 2 * kv_size);
+      const auto rotate = [&](const bf16* src, bf16* dst, int64_t heads) {
+        for (int64_t h = 0; h < heads; ++h) {
+          const bf16* x = src + h * head_dim;
+          bf16* y = dst + h * head_dim;
+          for (int64_t i = 0; i < half; ++i) {
+            const float x1 = float(x[i]), x2 = float(x[i + half]);
+            y[i] = bf16(x1 * float(c[i]) - x2 * float(s[i]));
+            y[i + half] = bf16(x2 * float(c[i + half]) + x1 * float(s[i + half]));
+          }
+          for (int64_t i = rotary_dim; i < head_dim; ++i) y[i] = x[i];
+        }
+      };
+      rotate(row, q + r * q_size, num_heads);
+      rotate(row + q_size, k + r * kv_size, num_kv_heads);
+      std::copy(row + q_size + kv_size, row + q_size + 2 * kv_size, v + r * kv_size);
+    }
+  });
+}
+
+// out = silu(gate) * up for a (rows, 2 width) input holding [gate | up].
+void silu_mul(const bf16* gate_up, bf16* out, int64_t rows, int64_t width) {
+  at::parallel_for(0, rows, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const bf16* g = gate_up + r * 2 * width;
+      const bf16* u = g + width;
+      for (int64_t i = 0; i < width; ++i) {
+        const float x = float(g[i]);
+        out[r * width + i] = bf16(x / (1.f + std::exp(-x)) * float(u[i]));
+      }
+    }
+  });
+}
+
+void check_bf16_vector(const at::Tensor& t, int64_t size, const char* what) {
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.dim() == 1 && t.size(0) == size && t.is_contiguous(), "decoder stack: ",
+              what, " must be a contiguous bf16 vector of ", size);
+}
+
+}  // namespace
+
+class DecoderStack {
+ public:
+  // norms: input and post-attention norm weights, 2 per layer; packed, scales_mins, biases: the
+  // group_quant_linear weights of qkv, o, gate_up, down, 4 per layer; cos, sin: (num_positions,
+  // rotary_dim) rotary tables.
+  DecoderStack(const std::vector<at::Tensor>& norms, const std::vector<at::Tensor>& packed,
+               const std::vector<at::Tensor>& scales_mins, const std::vector<c10::optional<at::Tensor>>& biases,
+               at::Tensor final_norm, at::Tensor cos, at::Tensor sin, int64_t num_heads, int64_t num_kv_heads,
+               int64_t head_dim, double eps, double scale)
+      : final_norm_(std::move(final_norm)), cos_(cos.contiguous()), sin_(sin.contiguous()), num_heads_(num_heads),
+        num_kv_heads_(num_kv_heads), head_dim_(head_dim), eps_(float(eps)), scale_(scale) {
+    const size_t num_layers = norms.size() / 2;
+    TORCH_CHECK(norms.size() == 2 * num_layers && packed.size() == 4 * num_layers &&
+                    scales_mins.size() == 4 * num_layers && biases.size() == 4 * num_layers,
+                "decoder stack: 2 norms and 4 linears per layer");
+    hidden_ = final_norm_.size(0);
+    check_bf16_vector(final_norm_, hidden_, "the final norm");
+    TORCH_CHECK(cos_.scalar_type() == at::kBFloat16 && sin_.scalar_type() == at::kBFloat16 && cos_.dim() == 2 &&
+                    cos_.sizes() == sin_.sizes() && cos_.size(1) % 2 == 0 && cos_.size(1) <= head_dim,
+                "decoder stack: cos and sin must be bf16 (num_positions, rotary_dim) tables, rotary_dim even <= head_dim");
+    TORCH_CHECK(num_heads % num_kv_heads == 0, "decoder stack: query heads must be a multiple of kv heads");
+    const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
+    for (size_t i = 0; i < num_layers; ++i) {
+      Layer layer;
+      layer.input_norm = norms[2 * i];
+      layer.post_attention_norm = norms[2 * i + 1];
+      check_bf16_vector(layer.input_norm, hidden_, "an input norm");
+      check_bf16_vector(layer.post_attention_norm, hidden_, "a post-attention norm");
+      Linear* linears[4] = {&layer.qkv, &layer.o, &layer.gate_up, &layer.down};
+      for (int j = 0; j < 4; ++j) {
+        *linears[j] = Linear{packed[4 * i + j], scales_mins[4 * i + j], biases[4 * i + j]};
+        TORCH_CHECK(packed[4 * i + j].dim() == 3, "decoder stack: a linear's packed weight must be 3-d");
+      }
+      const int64_t intermediate = layer.down.in_features();
+      TORCH_CHECK(layer.qkv.in_features() == hidden_ && layer.qkv.out_features() == q_size + 2 * kv_size &&
+                      layer.o.in_features() == q_size && layer.o.out_features() == hidden_ &&
+                      layer.gate_up.in_features() == hidden_ && layer.gate_up.out_features() == 2 * intermediate &&
+                      layer.down.out_features() == hidden_,
+                  "decoder stack: layer ", i, "'s linear shapes do not fit the model's sizes");
+      layers_.push_back(std::move(layer));
+    }
+  }
+
+  // hidden: (rows, hidden) bf16, the embedded tokens; positions: (rows,) int64; kv_caches: one
+  // per layer; slot_mapping, block_tables, seq_lens: the step's (decode-only) attention layout.
+  // Returns the final norm's output, (rows, hidden) bf16.
+  at::Tensor run(const at::Tensor& hidden, const at::Tensor& positions, const std::vector<at::Tensor>& kv_caches,
+                 const at::Tensor& slot_mapping, const at::Tensor& block_tables, const at::Tensor& seq_lens) const {
+    TORCH_CHECK(hidden.scalar_type() == at::kBFloat16 && hidden.dim() == 2 && hidden.size(1) == hidden_,
+                "decoder stack: hidden must be (rows, ", hidden_, ") bf16");
+    TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 && positions.size(0) == hidden.size(0),
+                "decoder stack: one int64 position per row");
+    TORCH_CHECK(kv_caches.size() == layers_.size(), "decoder stack: one KV cache per layer");
+    const int64_t rows = hidden.size(0);
+    const at::Tensor pos = positions.contiguous();
+    at::Tensor residual = hidden.clone(at::MemoryFormat::Contiguous);
+    at::Tensor normed = at::empty_like(residual);
+    at::Tensor q = at::empty({rows, num_heads_, head_dim_}, residual.options());
+    at::Tensor k = at::empty({rows, num_kv_heads_, head_dim_}, residual.options());
+    at::Tensor v = at::empty_like(k);
+    at::Tensor mlp_out;  // the previous layer's, added to the residual stream by the next norm
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      const Layer& layer = layers_[i];
+      add_rms_norm(residual.data_ptr<bf16>(), mlp_out.defined() ? mlp_out.data_ptr<bf16>() : nullptr,
+                   layer.input_norm.data_ptr<bf16>(), normed.data_ptr<bf16>(), rows, hidden_, eps_);
+      const at::Tensor qkv = layer.qkv(normed);
+      split_rotate(qkv.data_ptr<bf16>(), pos.data_ptr<int64_t>(), cos_.data_ptr<bf16>(), sin_.data_ptr<bf16>(),
+                   cos_.size(0), cos_.size(1), num_heads_, num_kv_heads_, head_dim_, q.data_ptr<bf16>(),
+                   k.data_ptr<bf16>(), v.data_ptr<bf16>(), rows);
+      const at::Tensor attended =
+          paged_decode_step(q, k, v, kv_caches[i], slot_mapping, block_tables, seq_lens, scale_);
+      const at::Tensor attn_out = layer.o(attended.view({rows, num_heads_ * head_dim_}));
+      add_rms_norm(residual.data_ptr<bf16>(), attn_out.data_ptr<bf16>(), layer.post_attention_norm.data_ptr<bf16>(),
+                   normed.data_ptr<bf16>(), rows, hidden_, eps_);
+      const at::Tensor gate_up = layer.gate_up(normed);
+      const int64_t width = gate_up.size(1) / 2;
+      at::Tensor activated = at::empty({rows, width}, residual.options());
+      silu_mul(gate_up.data_ptr<bf16>(), activated.data_ptr<bf16>(), rows, width);
+      mlp_out = layer.down(activated);
+    }
+    add_rms_norm(residual.data_ptr<bf16>(), mlp_out.defined() ? mlp_out.data_ptr<bf16>() : nullptr,
+                 final_norm_.data_ptr<bf16>(), normed.data_ptr<bf16>(), rows, hidden_, eps_);
+    return normed;
+  }
+
+ private:
+  std::vector<Layer> layers_;
+  at::Tensor final_norm_, cos_, sin_;
+  int64_t hidden_ = 0, num_heads_, num_kv_heads_, head_dim_;
+  float eps_;
+  double scale_;
+};
+
+void bind_decoder_stack(pybind11::module& m) {
+  pybind11::class_<DecoderStack>(m, "DecoderStack",
+                                 "A stack of Llama-layout decoder layers on group_quant_linear weights, run "
+                                 "for a decode-only step in one call (csrc/decoder_stack.cpp)")
+      .def(pybind11::init<const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
+                          const std::vector<at::Tensor>&, const std::vector<c10::optional<at::Tensor>>&, at::Tensor,
+                          at::Tensor, at::Tensor, int64_t, int64_t, int64_t, double, double>())
+      .def("run", &DecoderStack::run, pybind11::call_guard<pybind11::gil_scoped_release>());
+}

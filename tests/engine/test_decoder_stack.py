@@ -1,0 +1,138 @@
+"""The CPU decoder stack (one C++ call for a decode-only step) against the model's own forward."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from fixtures_models import build_model, tiny_config
+
+from tessera.backends.cpu import group_quant_linear as cpu_quant
+from tessera.backends.cpu.attention import CpuAttentionBackend
+from tessera.backends.cpu.platform import CpuPlatform
+from tessera.core.interfaces.attention import AttentionMetadata
+from tessera.core.layers import LayerContext
+from tessera.plugins.models.llama import LlamaForCausalLM
+from tessera.plugins.quantization.gguf import GgufQuantization
+
+pytestmark = pytest.mark.skipif(
+    not cpu_quant.kernel_available(), reason="the decoder stack needs the group kernel (AVX512-BF16, VNNI, a C++ build)"
+)
+
+BLOCK_SIZE = 16
+BLOCKS_PER_REQUEST = 4
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def q4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round an (N, K) weight to 4-bit groups of 32 inputs, as GGUF Q4_1 does: (the dequantized
+    weight, (N, K) codes, (N, K/32, 2) (scale, zero) with w = (q - 8) * scale + zero)."""
+    rows, cols = weight.shape
+    groups = weight.reshape(rows, cols // 32, 32)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = ((high - low) / 15).clamp(min=1e-4)
+    codes = ((groups - low) / scale).round().clamp(0, 15)
+    zero = low + 8 * scale
+    dequantized = (codes - 8) * scale + zero
+    return dequantized.reshape(rows, cols), codes.reshape(rows, cols).to(torch.uint8), torch.cat([scale, zero], -1)
+
+
+def quantized_model(config) -> LlamaForCausalLM:
+    """A tessera Llama whose projections hold 4-bit groups (in the group kernel's layout)."""
+    context = LayerContext(
+        torch.bfloat16, torch.device("cpu"), CpuAttentionBackend(), quantization=GgufQuantization(), platform=CpuPlatform()
+    )
+    model = LlamaForCausalLM(config, SimpleNamespace(max_model_len=None), context)
+    weights = []
+    for name, tensor in build_model(config).state_dict().items():
+        if any(f".{p}." in name for p in _PROJECTIONS) and name.endswith(".weight"):
+            dequantized, codes, scales_zeros = q4_groups(tensor)
+            base = name.removesuffix(".weight")
+            weights += [(name, dequantized), (base + ".qweight", codes), (base + ".scales_zeros", scales_zeros)]
+        else:
+            weights.append((name, tensor))
+    model.load_weights(weights)
+    return model
+
+
+def metadata(query_lens: list[int], seq_lens: list[int]) -> AttentionMetadata:
+    """Request i owns cache blocks [i * 4, i * 4 + 4); its tokens are the last query_lens[i] of seq_lens[i]."""
+    slots, tables = [], []
+    for index, (query_len, seq_len) in enumerate(zip(query_lens, seq_lens, strict=True)):
+        first_block = index * BLOCKS_PER_REQUEST
+        tables.append(list(range(first_block, first_block + BLOCKS_PER_REQUEST)))
+        slots += [first_block * BLOCK_SIZE + position for position in range(seq_len - query_len, seq_len)]
+    starts = [0]
+    for query_len in query_lens:
+        starts.append(starts[-1] + query_len)
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.long),
+        block_tables=torch.tensor(tables, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        query_lens_cpu=list(query_lens),
+        seq_lens_cpu=list(seq_lens),
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        block_size=BLOCK_SIZE,
+        is_decode_only=all(q == 1 for q in query_lens),
+    )
+
+
+@pytest.mark.parametrize("overrides", [{}, {"attention_bias": True}, {"variant": "llama3_rope"}], ids=["plain", "qkv_bias", "llama3_rope"])
+@pytest.mark.parametrize("prompt_lens", [[7], [5, 19, 33]])
+@torch.inference_mode()
+def test_decoder_stack_matches_the_model_forward(overrides: dict, prompt_lens: list[int]) -> None:
+    overrides = dict(overrides)
+    config = tiny_config(overrides.pop("variant", "llama"), **overrides)
+    model = quantized_model(config)
+    decode = model.decode_only_forward()
+    assert decode is not None
+    if config.attention_bias:  # the random checkpoint's biases are zeros: make them count
+        for layer in model.model.layers:
+            layer.self_attn.qkv_proj.bias.uniform_(-0.5, 0.5)
+    num_layers, num_kv_heads, head_dim = model.kv_cache_spec()
+    backend = CpuAttentionBackend()
+    kv_caches = [
+        backend.allocate_kv_cache(BLOCKS_PER_REQUEST * len(prompt_lens), BLOCK_SIZE, num_kv_heads, head_dim, torch.bfloat16, "cpu")
+        for _ in range(num_layers)
+    ]
+    generator = torch.Generator().manual_seed(0)
+    prompt_ids = torch.randint(3, config.vocab_size, (sum(prompt_lens),), generator=generator)
+    prompt_positions = torch.cat([torch.arange(n) for n in prompt_lens])
+    model(prompt_ids, prompt_positions, kv_caches, metadata(prompt_lens, prompt_lens))  # fills the caches
+    for step in range(3):  # decode steps, each request one token further
+        seq_lens = [n + step + 1 for n in prompt_lens]
+        step_metadata = metadata([1] * len(prompt_lens), seq_lens)
+        ids = torch.randint(3, config.vocab_size, (len(prompt_lens),), generator=generator)
+        positions = torch.tensor([n - 1 for n in seq_lens])
+        expected = model(ids, positions, kv_caches, step_metadata)  # stores this step's keys and values too
+        actual = decode(ids, positions, kv_caches, step_metadata)  # stores them again, then attends
+        assert actual.shape == expected.shape and actual.dtype == torch.bfloat16
+        # bf16 rounding differs (the stack rounds once per fused loop, eager ops once per op): ~1%
+        # of the largest value here; a position off by one, for instance, is ~35%
+        scale = expected.float().abs().max().item()
+        assert (actual.float() - expected.float()).abs().max().item() < 0.04 * scale
+        logits, expected_logits = model.compute_logits(actual), model.compute_logits(expected)
+        assert (logits - expected_logits).abs().max().item() < 0.04 * expected_logits.abs().max().item()
+
+
+def test_a_model_without_group_weights_has_no_decoder_stack() -> None:
+    config = tiny_config()
+    context = LayerContext(torch.bfloat16, torch.device("cpu"), CpuAttentionBackend(), platform=CpuPlatform())
+    model = LlamaForCausalLM(config, SimpleNamespace(max_model_len=None), context)
+    model.load_weights(build_model(config).state_dict().items())
+    assert model.decode_only_forward() is None
+
+
+def test_the_stack_checks_its_inputs() -> None:
+    model = quantized_model(tiny_config())
+    decode = model.decode_only_forward()
+    kv_caches = [torch.empty(2, 4, BLOCK_SIZE, 2, 16, dtype=torch.bfloat16) for _ in range(2)]
+    step = metadata([1], [3])
+    beyond_rotary_table = torch.tensor([model.model.layers[0].self_attn.rotary_emb.max_position])
+    with pytest.raises(RuntimeError, match="outside the rotary table"):
+        decode(torch.tensor([5]), beyond_rotary_table, kv_caches, step)
+    with pytest.raises(RuntimeError, match="one KV cache per layer"):
+        decode(torch.tensor([5]), torch.tensor([2]), kv_caches[:1], step)
