@@ -105,17 +105,19 @@ class CompiledForward:
         with step_context(self.layers, kv_caches, metadata):
             return self._compiled(input_ids, positions)
 
-    def warm_up(self, kv_caches: list[Any], block_size: int, device: torch.device) -> float:
+    def warm_up(self, kv_caches: list[Any], block_size: int, device: torch.device, single_token: bool = True) -> float:
         """Compile for every path now, on throwaway decode steps that write only the first
         slots of the cache (nothing is cached yet at start-up, and a slot is always written
-        before it is read). Returns the seconds it took."""
+        before it is read); without `single_token`, not the one-token graph (whose steps then run
+        elsewhere). Returns the seconds it took."""
         start = time.perf_counter()
         num_slots = kv_caches[0].shape[1] * block_size if kv_caches else 0
         with _triton_hidden(), warnings.catch_warnings():
             # inductor notes when one fused loop reads fp16 and writes bf16 (a quantized embedding's
             # fp16 scales decoding bf16 rows): expected, and not something a user can act on
             warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed in the scheduler node")
-            self._compile_sizes([s for s in WARM_UP_SIZES if s <= num_slots], kv_caches, block_size, device)
+            sizes = [s for s in WARM_UP_SIZES if s <= num_slots and (single_token or s > 1)]
+            self._compile_sizes(sizes, kv_caches, block_size, device)
         elapsed = time.perf_counter() - start
         logger.info("compiled the model with torch.compile in %.1f s (--enforce-eager skips this)", elapsed)
         return elapsed

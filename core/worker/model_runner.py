@@ -44,18 +44,22 @@ class ModelRunner:
             for _ in range(num_layers if num_swap_blocks else 0)
         ]
         self.requests: dict[str, RequestState] = {}
+        # steps in which every request decodes one token: the platform's decoder stack, if the
+        # model has one (core/interfaces/decoder_stack.py), else the forward below
+        decoder_stack = self.model.decode_only_forward()
+        if decoder_stack is not None:
+            logger.info("decode-only steps run through the platform's decoder stack kernel")
         # the forward pass: the model itself, or its torch.compile'd form (see compilation.py)
         self.forward: Any = self.model
         self.compile_seconds: float | None = None
         if compile_model:
             compiled = CompiledForward(self.model)
-            self.compile_seconds = compiled.warm_up(self.kv_caches, block_size, self.device)
+            # a one-token step is always decode-only, so with a stack that graph would never run
+            self.compile_seconds = compiled.warm_up(
+                self.kv_caches, block_size, self.device, single_token=decoder_stack is None
+            )
             self.forward = compiled
-        # steps in which every request decodes one token: the platform's decoder stack, if the
-        # model has one (core/interfaces/decoder_stack.py), else the same forward
-        self.decode_only_forward: Any = self.model.decode_only_forward() or self.forward
-        if self.decode_only_forward is not self.forward:
-            logger.info("decode-only steps run through the platform's decoder stack kernel")
+        self.decode_only_forward: Any = decoder_stack or self.forward
 
     # -- state -------------------------------------------------------------------------------
     def _update_states(self, out: SchedulerOutput) -> None:

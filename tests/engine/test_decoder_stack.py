@@ -136,3 +136,16 @@ def test_the_stack_checks_its_inputs() -> None:
         decode(torch.tensor([5]), beyond_rotary_table, kv_caches, step)
     with pytest.raises(RuntimeError, match="one KV cache per layer"):
         decode(torch.tensor([5]), torch.tensor([2]), kv_caches[:1], step)
+
+
+def test_with_a_stack_the_one_token_graph_is_not_compiled(monkeypatch) -> None:
+    # a one-token step is always decode-only, so the model runner warms up without it
+    from tessera.core.worker.compilation import WARM_UP_SIZES, CompiledForward
+
+    compiled_sizes: list[list[int]] = []
+    monkeypatch.setattr(CompiledForward, "_compile_sizes", lambda self, sizes, *args: compiled_sizes.append(sizes))
+    model = quantized_model(tiny_config())
+    kv_caches = [torch.empty(2, 8, BLOCK_SIZE, 2, 16, dtype=torch.bfloat16) for _ in range(2)]
+    for single_token in (True, False):
+        CompiledForward(model).warm_up(kv_caches, BLOCK_SIZE, torch.device("cpu"), single_token=single_token)
+    assert compiled_sizes == [list(WARM_UP_SIZES), [s for s in WARM_UP_SIZES if s > 1]]
