@@ -1,10 +1,11 @@
 """The CPU platform's `DecoderStackKernel`: a decode-only step's whole layer stack in one C++ call.
 
-csrc/decoder_stack.cpp runs every layer (norms, `tessera::group_quant_linear`, rotary, the paged
-decode attention, the gated MLP) without returning to Python. At one request this takes the
-compiled forward of SmolLM2-135M from ~5.7 to ~3.1 ms a step: under torch.compile the step is
-~450 small ops whose entry costs, not the arithmetic, were half its time (docs/benchmarks.md).
-It needs the group kernel (GGUF Q4 layers on CPUs with AVX512-BF16 and VNNI) and bf16.
+csrc/decoder_stack.cpp runs every layer (norms, the matmuls, rotary, the paged decode attention,
+the gated MLP) without returning to Python. At one request this takes the compiled forward of the
+4-bit SmolLM2-135M from ~5.7 to ~3.1 ms a step: under torch.compile the step is ~450 small ops
+whose entry costs, not the arithmetic, were half its time (docs/benchmarks.md). It takes bf16
+models whose projections are GGUF 4-bit groups (`tessera::group_quant_linear`) or bf16 weights
+packed for oneDNN (core/layers/onednn.py), on CPUs where the kernels build.
 """
 
 from __future__ import annotations
@@ -49,12 +50,12 @@ class CpuDecoderStackKernel(DecoderStackKernel):
             return None
         projections = [(p.qkv, p.qkv_bias, p.o, p.o_bias, p.gate_up, p.gate_up_bias, p.down, p.down_bias) for p in spec.layers]
         weights = [w for layer in projections for w in layer[0::2]]
-        if not all(isinstance(w, GroupQuantBlocks) and w.packed.shape[-1] == 256 for w in weights):
-            return None  # only 4-bit group weights (bf16 activations) match the model's own path
+        if not all(_is_4bit_groups(w) or _is_onednn_bf16(w) for w in weights):
+            return None
         stack = module.DecoderStack(
             [norm for p in spec.layers for norm in (p.input_norm, p.post_attention_norm)],
-            [w.packed for w in weights],
-            [w.scales_mins for w in weights],
+            [w.packed if _is_4bit_groups(w) else w for w in weights],
+            [w.scales_mins if _is_4bit_groups(w) else None for w in weights],
             [bias for layer in projections for bias in layer[1::2]],
             spec.final_norm,
             spec.cos_cache,
@@ -66,3 +67,14 @@ class CpuDecoderStackKernel(DecoderStackKernel):
             spec.attention_scale,
         )
         return CpuDecoderStack(stack)
+
+
+def _is_4bit_groups(weight: Any) -> bool:
+    """tessera::group_quant_linear's 4-bit layout (its 8-bit one rounds activations; the layers'
+    own path does not use it)."""
+    return isinstance(weight, GroupQuantBlocks) and weight.packed.shape[-1] == 256
+
+
+def _is_onednn_bf16(weight: Any) -> bool:
+    """A bf16 weight packed for oneDNN (core/layers/onednn.py)."""
+    return isinstance(weight, torch.Tensor) and weight.is_mkldnn and weight.dtype == torch.bfloat16

@@ -140,9 +140,9 @@ class CpuPlatform(Platform):
         return group_quant_linear.CpuGroupQuantKernel() if group_quant_linear.kernel_available() else None
 
     def decoder_stack_kernel(self) -> Any | None:
-        from tessera.backends.cpu import decoder_stack, group_quant_linear
+        from tessera.backends.cpu import decoder_stack, kernels
 
-        return decoder_stack.CpuDecoderStackKernel() if group_quant_linear.kernel_available() else None
+        return decoder_stack.CpuDecoderStackKernel() if kernels.load() is not None else None
 
     def make_attention_backend(self) -> Any:
         from tessera.backends.cpu.attention import CpuAttentionBackend

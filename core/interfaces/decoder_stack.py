@@ -17,8 +17,8 @@ class DecoderLayerWeights:
     """One pre-norm decoder layer in the Llama layout:
         h = x + o(attention(rotary(qkv(rms_norm(x)))))
         y = h + down(silu(gate(rms_norm(h))) * up(rms_norm(h)))
-    Each projection is a weight in the platform's group kernel layout (`GroupQuantKernel.pack`,
-    core/interfaces/quantization.py) with an optional bias."""
+    Each projection is the weight its `LinearMethod.decoder_stack_weight` gives (a platform
+    kernel's own form, core/interfaces/quantization.py) with an optional bias."""
 
     input_norm: Any  # (hidden_size,)
     qkv: Any  # (num_heads + 2 num_kv_heads) * head_dim outputs: [q | k | v]

@@ -20,9 +20,11 @@ class LinearMethod(ABC):
     def apply(self, layer: Any, x: Any, bias: Any | None) -> Any:
         """Called in every forward: y = x W^T (+ bias)."""
 
-    def group_quant_weight(self, layer: Any) -> Any | None:
-        """Called after loading: the layer's weight in the platform's `GroupQuantKernel` layout when
-        `apply` multiplies with that kernel (a `DecoderStackKernel` takes it), else None."""
+    def decoder_stack_weight(self, layer: Any) -> Any | None:
+        """Called after loading, by models that can use a platform's `DecoderStackKernel`: the
+        weight in the form `apply` multiplies with when that is a platform kernel's own (the
+        `GroupQuantKernel` layout, a oneDNN-packed tensor), which the stack kernel may take; None
+        (the default) where the method has none."""
         return None
 
 

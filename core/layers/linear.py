@@ -42,6 +42,9 @@ class UnquantizedLinearMethod(LinearMethod):
             return onednn.packed_linear(x, layer.weight, bias)
         return F.linear(x, layer.weight, bias)
 
+    def decoder_stack_weight(self, layer: Any) -> Any | None:
+        return layer.weight if getattr(layer, "weight_packed", False) else None
+
 
 def get_linear_method(context: LayerContext, prefix: str) -> LinearMethod:
     """The LinearMethod for the layer at `prefix`: the quantization method's, else plain weights."""

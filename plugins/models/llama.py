@@ -170,8 +170,9 @@ class LlamaForCausalLM(nn.Module, ModelArchitecture):
         return len(self.model.layers), attn.num_kv_heads, attn.head_dim
 
     def decode_only_forward(self) -> Callable[[Any, Any, list[Any], Any], Any] | None:
-        """The platform's decoder stack over these layers, where it has one and every projection
-        is in its group kernel's layout (GGUF Q4 weights on the CPU); the embedding stays here."""
+        """The platform's decoder stack over these layers, where it has one and takes every
+        projection's weight (on the CPU: GGUF 4-bit groups or oneDNN-packed bf16); the embedding
+        stays here."""
         kernel = self.context.platform.decoder_stack_kernel() if self.context.platform is not None else None
         spec = self._decoder_stack_spec() if kernel is not None and self.context.tp_size == 1 else None
         stack = kernel.build(spec) if spec is not None else None
@@ -189,7 +190,7 @@ class LlamaForCausalLM(nn.Module, ModelArchitecture):
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            weights = [p.linear_method.group_quant_weight(p) for p in projections]
+            weights = [p.linear_method.decoder_stack_weight(p) for p in projections]
             if any(w is None for w in weights):
                 return None
             layers.append(

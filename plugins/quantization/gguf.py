@@ -120,8 +120,10 @@ class GgufLinearMethod(LinearMethod):
         y = int4_linear(x, *layer.int4_weight, layer.weight.shape[0])
         return y if bias is None else y + bias
 
-    def group_quant_weight(self, layer: Any) -> Any | None:
-        return layer.group_blocks
+    def decoder_stack_weight(self, layer: Any) -> Any | None:
+        if layer.group_blocks is not None:
+            return layer.group_blocks
+        return self.dense.decoder_stack_weight(layer) if layer.int4_weight is None else None
 
 
 class GgufEmbeddingMethod(EmbeddingMethod):

@@ -17,7 +17,7 @@ from tessera.plugins.models.llama import LlamaForCausalLM
 from tessera.plugins.quantization.gguf import GgufQuantization
 
 pytestmark = pytest.mark.skipif(
-    not cpu_quant.kernel_available(), reason="the decoder stack needs the group kernel (AVX512-BF16, VNNI, a C++ build)"
+    not cpu_quant.kernel_available(), reason="4-bit layers need the group kernel (AVX512-BF16, VNNI, a C++ build)"
 )
 
 BLOCK_SIZE = 16
@@ -38,15 +38,17 @@ def q4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return dequantized.reshape(rows, cols), codes.reshape(rows, cols).to(torch.uint8), torch.cat([scale, zero], -1)
 
 
-def quantized_model(config) -> LlamaForCausalLM:
-    """A tessera Llama whose projections hold 4-bit groups (in the group kernel's layout)."""
+def bf16_model(config, quantized: bool = True, dtype: torch.dtype = torch.bfloat16) -> LlamaForCausalLM:
+    """A tessera Llama whose projections hold 4-bit groups (in the group kernel's layout), or
+    plain weights (bf16 ones packed for oneDNN)."""
     context = LayerContext(
-        torch.bfloat16, torch.device("cpu"), CpuAttentionBackend(), quantization=GgufQuantization(), platform=CpuPlatform()
+        dtype, torch.device("cpu"), CpuAttentionBackend(), quantization=GgufQuantization() if quantized else None,
+        platform=CpuPlatform(),
     )
     model = LlamaForCausalLM(config, SimpleNamespace(max_model_len=None), context)
     weights = []
     for name, tensor in build_model(config).state_dict().items():
-        if any(f".{p}." in name for p in _PROJECTIONS) and name.endswith(".weight"):
+        if quantized and any(f".{p}." in name for p in _PROJECTIONS) and name.endswith(".weight"):
             dequantized, codes, scales_zeros = q4_groups(tensor)
             base = name.removesuffix(".weight")
             weights += [(name, dequantized), (base + ".qweight", codes), (base + ".scales_zeros", scales_zeros)]
@@ -80,13 +82,16 @@ def metadata(query_lens: list[int], seq_lens: list[int]) -> AttentionMetadata:
     )
 
 
+@pytest.mark.parametrize("quantized", [True, False], ids=["4bit_groups", "bf16_onednn"])
 @pytest.mark.parametrize("overrides", [{}, {"attention_bias": True}, {"variant": "llama3_rope"}], ids=["plain", "qkv_bias", "llama3_rope"])
 @pytest.mark.parametrize("prompt_lens", [[7], [5, 19, 33]])
 @torch.inference_mode()
-def test_decoder_stack_matches_the_model_forward(overrides: dict, prompt_lens: list[int]) -> None:
+def test_decoder_stack_matches_the_model_forward(quantized: bool, overrides: dict, prompt_lens: list[int]) -> None:
     overrides = dict(overrides)
     config = tiny_config(overrides.pop("variant", "llama"), **overrides)
-    model = quantized_model(config)
+    model = bf16_model(config, quantized)
+    if not quantized:  # the stack multiplies the packed weights themselves
+        assert all(layer.mlp.down_proj.weight.is_mkldnn for layer in model.model.layers)
     decode = model.decode_only_forward()
     assert decode is not None
     if config.attention_bias:  # the random checkpoint's biases are zeros: make them count
@@ -118,16 +123,12 @@ def test_decoder_stack_matches_the_model_forward(overrides: dict, prompt_lens: l
         assert (logits - expected_logits).abs().max().item() < 0.04 * expected_logits.abs().max().item()
 
 
-def test_a_model_without_group_weights_has_no_decoder_stack() -> None:
-    config = tiny_config()
-    context = LayerContext(torch.bfloat16, torch.device("cpu"), CpuAttentionBackend(), platform=CpuPlatform())
-    model = LlamaForCausalLM(config, SimpleNamespace(max_model_len=None), context)
-    model.load_weights(build_model(config).state_dict().items())
-    assert model.decode_only_forward() is None
+def test_a_float32_model_has_no_decoder_stack() -> None:
+    assert bf16_model(tiny_config(), quantized=False, dtype=torch.float32).decode_only_forward() is None
 
 
 def test_the_stack_checks_its_inputs() -> None:
-    model = quantized_model(tiny_config())
+    model = bf16_model(tiny_config())
     decode = model.decode_only_forward()
     kv_caches = [torch.empty(2, 4, BLOCK_SIZE, 2, 16, dtype=torch.bfloat16) for _ in range(2)]
     step = metadata([1], [3])
@@ -144,7 +145,7 @@ def test_with_a_stack_the_one_token_graph_is_not_compiled(monkeypatch) -> None:
 
     compiled_sizes: list[list[int]] = []
     monkeypatch.setattr(CompiledForward, "_compile_sizes", lambda self, sizes, *args: compiled_sizes.append(sizes))
-    model = quantized_model(tiny_config())
+    model = bf16_model(tiny_config())
     kv_caches = [torch.empty(2, 8, BLOCK_SIZE, 2, 16, dtype=torch.bfloat16) for _ in range(2)]
     for single_token in (True, False):
         CompiledForward(model).warm_up(kv_caches, BLOCK_SIZE, torch.device("cpu"), single_token=single_token)

@@ -2,8 +2,9 @@
 //
 // Each layer: h = RMSNorm(x); q, k, v = split(h W_qkv^T); rotate q, k by position ("rotate half");
 // attend over the paged cache (storing k, v first); x += o W_o^T; h = RMSNorm(x);
-// x += (silu(h W_gate^T) * (h W_up^T)) W_down^T. The matmuls are tessera::group_quant_linear (the
-// weights GGUF 4-bit groups), attention is paged_decode_step; the rest is a few small loops here.
+// x += (silu(h W_gate^T) * (h W_up^T)) W_down^T. The matmuls are tessera::group_quant_linear (GGUF
+// 4-bit groups) or oneDNN's with a pre-packed bf16 weight (what tessera::packed_linear calls),
+// attention is paged_decode_step; the rest is a few small loops here.
 //
 // Why: under torch.compile a one-token step of SmolLM2-135M runs ~450 ops (120 matmuls, 30
 // attention calls, ~150 generated loops and their allocations), each entered from Python or the
@@ -35,13 +36,25 @@ using bf16 = at::BFloat16;
 // than an OpenMP fork/join costs, so small batches stay on the calling thread.
 constexpr int64_t kRowsPerTask = 8;
 
+// y = x W^T (+ bias), W either 4-bit groups for tessera::group_quant_linear (with scales_mins) or a
+// bf16 weight oneDNN packed (core/layers/onednn.py), multiplied as tessera::packed_linear does.
 struct Linear {
-  at::Tensor packed, scales_mins;
+  at::Tensor packed;
+  c10::optional<at::Tensor> scales_mins;  // none for a oneDNN-packed weight
   c10::optional<at::Tensor> bias;
 
-  int64_t out_features() const { return packed.size(0) * 16; }
-  int64_t in_features() const { return packed.size(1) * 32; }
-  at::Tensor operator()(const at::Tensor& x) const { return group_quant_linear(x, packed, scales_mins, bias); }
+  bool is_group_quant() const { return scales_mins.has_value(); }
+  int64_t out_features() const { return is_group_quant() ? packed.size(0) * 16 : packed.size(0); }
+  int64_t in_features() const { return is_group_quant() ? packed.size(1) * 32 : packed.size(1); }
+  at::Tensor operator()(const at::Tensor& x) const {
+    if (is_group_quant()) return group_quant_linear(x, packed, *scales_mins, bias);
+    static const auto onednn_linear =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
+                              c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>)>();
+    return onednn_linear.call(x, packed, bias, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+  }
 };
 
 struct Layer {
@@ -127,10 +140,11 @@ void check_bf16_vector(const at::Tensor& t, int64_t size, const char* what) {
 class DecoderStack {
  public:
   // norms: input and post-attention norm weights, 2 per layer; packed, scales_mins, biases: the
-  // group_quant_linear weights of qkv, o, gate_up, down, 4 per layer; cos, sin: (num_positions,
-  // rotary_dim) rotary tables.
+  // weights of qkv, o, gate_up, down, 4 per layer (scales_mins none for a oneDNN-packed bf16
+  // weight); cos, sin: (num_positions, rotary_dim) rotary tables.
   DecoderStack(const std::vector<at::Tensor>& norms, const std::vector<at::Tensor>& packed,
-               const std::vector<at::Tensor>& scales_mins, const std::vector<c10::optional<at::Tensor>>& biases,
+               const std::vector<c10::optional<at::Tensor>>& scales_mins,
+               const std::vector<c10::optional<at::Tensor>>& biases,
                at::Tensor final_norm, at::Tensor cos, at::Tensor sin, int64_t num_heads, int64_t num_kv_heads,
                int64_t head_dim, double eps, double scale)
       : final_norm_(std::move(final_norm)), cos_(cos.contiguous()), sin_(sin.contiguous()), num_heads_(num_heads),
@@ -155,7 +169,8 @@ class DecoderStack {
       Linear* linears[4] = {&layer.qkv, &layer.o, &layer.gate_up, &layer.down};
       for (int j = 0; j < 4; ++j) {
         *linears[j] = Linear{packed[4 * i + j], scales_mins[4 * i + j], biases[4 * i + j]};
-        TORCH_CHECK(packed[4 * i + j].dim() == 3, "decoder stack: a linear's packed weight must be 3-d");
+        TORCH_CHECK(packed[4 * i + j].dim() == (linears[j]->is_group_quant() ? 3 : 2),
+                    "decoder stack: a linear's weight must be 4-bit groups (3-d) or oneDNN-packed (2-d)");
       }
       const int64_t intermediate = layer.down.in_features();
       TORCH_CHECK(layer.qkv.in_features() == hidden_ && layer.qkv.out_features() == q_size + 2 * kv_size &&
@@ -219,10 +234,11 @@ class DecoderStack {
 
 void bind_decoder_stack(pybind11::module& m) {
   pybind11::class_<DecoderStack>(m, "DecoderStack",
-                                 "A stack of Llama-layout decoder layers on group_quant_linear weights, run "
+                                 "A stack of Llama-layout decoder layers on 4-bit group or oneDNN-packed bf16 weights, run "
                                  "for a decode-only step in one call (csrc/decoder_stack.cpp)")
       .def(pybind11::init<const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
-                          const std::vector<at::Tensor>&, const std::vector<c10::optional<at::Tensor>>&, at::Tensor,
+                          const std::vector<c10::optional<at::Tensor>>&,
+                          const std::vector<c10::optional<at::Tensor>>&, at::Tensor,
                           at::Tensor, at::Tensor, int64_t, int64_t, int64_t, double, double>())
       .def("run", &DecoderStack::run, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
