@@ -47,7 +47,10 @@ a few of its own (group "tessera" below). The differences from vLLM, all deliber
   `tessera plugins`); a name nobody registers exits with an error listing the registered ones.
 - **Compiled by default.** The model's forward runs under `torch.compile` (inductor), compiled at
   start-up (about a minute on 2 cores the first time, ~15 s once inductor's disk cache is warm);
-  `--enforce-eager` skips that and runs eagerly (slower steps, faster start).
+  `--enforce-eager` skips that and runs eagerly (slower steps, faster start). Either way, steps in
+  which every request decodes one token run through the platform's decoder stack where the model
+  has one (on the CPU: Llama-layout bf16 models with GGUF 4-bit or oneDNN-packed weights, such as
+  the default model; docs/architecture.md).
 - **Harmless compatibility flags.** `--use-v2-block-manager` asks for the paged, prefix-caching
   block manager, which is the only one tessera has. `--disable-log-stats` turns off the stats line the server logs every
   10 seconds (throughput, running/waiting requests, KV cache use; the same figures are on `/metrics`).
