@@ -38,12 +38,14 @@ ONEDNN_CACHE_CAPACITY = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAP
 # size limit to the block's size ("dynamic threshold"), so later tensors of that size come from
 # the heap, where freed memory is seldom returned: varying prompt lengths left ~100 MB of freed
 # activations in the engine's RSS. Fixing the limits (what MALLOC_MMAP_THRESHOLD_ and
-# MALLOC_TRIM_THRESHOLD_ do) keeps tensors over 1 MiB (prefill activations, logits) in their own
-# mappings, returned when freed, while a decode step's smaller ones reuse heap memory without a
-# system call. Same memory as a 128 KiB limit, and no measurable change in step time
-# (benchmarks/step_profile.py; this VM's noise is +-10%).
+# MALLOC_TRIM_THRESHOLD_ do) keeps tensors over 8 MiB (prefill activations) in their own mappings,
+# returned when freed, while a decode step's smaller ones reuse heap memory without a system call
+# or page faults. 8 MiB, not 1: a batch of 32 requests' logits (6 MB of float32, and 3 MB in bf16
+# before that) then stay in the heap, where at 1 MiB each step mapped them afresh and faulted
+# every page in (the float32 copy took ~2 ms instead of ~0.15; docs/benchmarks.md). The served
+# peak RSS was the same at both limits (1,280-1,299 MiB).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
-MALLOC_LIMITS = {_M_MMAP_THRESHOLD: 1 << 20, _M_TRIM_THRESHOLD: 1 << 20}
+MALLOC_LIMITS = {_M_MMAP_THRESHOLD: 8 << 20, _M_TRIM_THRESHOLD: 8 << 20}
 
 
 def _libc() -> Any:

@@ -58,7 +58,7 @@ def test_platform_bounds_onednn_kernel_caches_and_fixes_malloc_limits(monkeypatc
     CpuPlatform()
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
     assert os.environ["LRU_CACHE_CAPACITY"] == "300"  # a value the user set wins
-    assert sorted(mallopt_calls) == [(-3, 1 << 20), (-1, 1 << 20)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    assert sorted(mallopt_calls) == [(-3, 8 << 20), (-1, 8 << 20)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
 
 
 def test_platform_leaves_malloc_limits_the_user_set_in_the_environment(monkeypatch, mallopt_calls):
