@@ -185,6 +185,8 @@ SHAPES = {  # (query heads, KV heads, head dim, block size, sequence lengths)
     "dim128-block32": (4, 1, 128, 32, [1, 33, 70]),
     "dim80-block8": (6, 2, 80, 8, [5, 23, 100]),  # head dim without an unrolled loop; small blocks
     "dim24-one-request": (2, 2, 24, 16, [300]),  # scalar tails; one request split by KV head
+    "smollm2-one-request": (9, 3, 64, 16, [300]),  # bf16 kernel: one request split by KV head
+    "dim64-group16": (16, 1, 64, 16, [20, 90]),  # more query heads per KV head than bf16's kernel takes
 }
 
 

@@ -82,6 +82,50 @@ inline void sum_each(const floatv* v, float* out) {
 #endif
 }
 
+// Runs body(begin, end) over tasks [0, num_tasks), one contiguous range per torch thread, the
+// ranges of about equal cost (cost_before[i]: the summed cost of tasks 0..i-1, num_tasks + 1
+// entries). A decode step's requests have contexts of different lengths: split by count, one
+// thread would finish early and wait for the other at the barrier.
+template <typename F>
+void for_balanced_ranges(const std::vector<int64_t>& cost_before, const F& body) {
+  const int64_t num_tasks = static_cast<int64_t>(cost_before.size()) - 1;
+  const int64_t parts = std::min<int64_t>(at::get_num_threads(), num_tasks);
+  if (parts <= 1) {
+    if (num_tasks > 0) body(0, num_tasks);
+    return;
+  }
+  const int64_t total = cost_before.back();
+  auto bound = [&](int64_t part) -> int64_t {  // the first task of a part
+    if (part >= parts) return num_tasks;
+    return std::lower_bound(cost_before.begin(), cost_before.end(), total * part / parts) - cost_before.begin();
+  };
+  at::parallel_for(0, parts, 1, [&](int64_t first_part, int64_t end_part) {
+    for (int64_t part = first_part; part < end_part; ++part) {
+      const int64_t begin = bound(part), end = bound(part + 1);
+      if (begin < end) body(begin, end);
+    }
+  });
+}
+
+// Decode tasks are (request, range of KV heads): a whole request when there are enough requests
+// to keep every thread busy (each cached row is then read in one contiguous pass), else one task
+// per KV head, so a lone long request still uses every core. A task costs its request's cached
+// tokens plus a little for its query.
+struct DecodeTasks {
+  int64_t heads_per_task, tasks_per_req;
+  std::vector<int64_t> cost_before;
+};
+
+inline DecodeTasks decode_tasks(int64_t num_reqs, int64_t num_kv_heads, const int32_t* lens) {
+  DecodeTasks tasks;
+  tasks.heads_per_task = num_reqs >= at::get_num_threads() ? num_kv_heads : 1;
+  tasks.tasks_per_req = num_kv_heads / tasks.heads_per_task;
+  tasks.cost_before.assign(num_reqs * tasks.tasks_per_req + 1, 0);
+  for (int64_t task = 0; task < num_reqs * tasks.tasks_per_req; ++task)
+    tasks.cost_before[task + 1] = tasks.cost_before[task] + lens[task / tasks.tasks_per_req] + 16;
+  return tasks;
+}
+
 template <typename scalar_t, int64_t kChunks>
 void decode_attention_kernel(
     at::Tensor& out,                // (num_reqs, num_heads, head_dim)
@@ -110,12 +154,9 @@ void decode_attention_kernel(
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   scalar_t* out_data = out.data_ptr<scalar_t>();
 
-  // Tasks are (request, range of KV heads): a whole request when there are enough requests to
-  // keep every thread busy (each cached row is then read in one contiguous pass), else one task
-  // per KV head, so a lone long request still uses every core.
-  const int64_t heads_per_task = num_reqs >= at::get_num_threads() ? num_kv_heads : 1;
-  const int64_t tasks_per_req = num_kv_heads / heads_per_task;
-  at::parallel_for(0, num_reqs * tasks_per_req, 1, [&](int64_t begin, int64_t end) {
+  const DecodeTasks tasks = decode_tasks(num_reqs, num_kv_heads, lens);
+  const int64_t heads_per_task = tasks.heads_per_task, tasks_per_req = tasks.tasks_per_req;
+  for_balanced_ranges(tasks.cost_before, [&](int64_t begin, int64_t end) {
     const int64_t task_heads = heads_per_task * group;  // query heads of one task
     const int64_t row_len = heads_per_task * head_dim;  // floats of one slot that a task reads
     std::vector<float> q(task_heads * head_dim), out_rows(task_heads * head_dim), tile(kLanes * row_len), scores;
@@ -210,6 +251,158 @@ void decode_attention_kernel(
   });
 }
 
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// The same attention for a bf16 cache on CPUs with AVX512-BF16, for head sizes that are a
+// multiple of 32 and up to 8 query heads per KV head (compile-time sizes, so every accumulator
+// stays in a register). Nothing is widened to a float32 copy first:
+// - q.k: `vdpbf16ps` multiplies 32 bf16 pairs of the query and the cached key straight from
+//   the cache into 16 float32 sums; the products of two bf16 numbers are exact in float32, so
+//   this is the float32 dot product of the same values. The scale is applied to the sums.
+// - p.v: each cached value row is widened in registers (16 values, two instructions) and
+//   multiplied into float32 accumulators held for all the query heads of its KV head, with the
+//   softmax weights in float32.
+template <int64_t kDim, int64_t kGroup>
+void decode_attention_bf16(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                           const at::Tensor& value_cache, const at::Tensor& block_tables,
+                           const at::Tensor& seq_lens, double scale) {
+  constexpr int64_t kPairs = kDim / 32;    // registers of 32 bf16 per head row
+  constexpr int64_t kVectors = kDim / 16;  // registers of 16 float32 per head row
+  // value dimensions held at once: kGroup heads x kHeld registers of accumulators <= 16
+  constexpr int64_t kHeld = std::max<int64_t>(1, std::min<int64_t>(kVectors, 16 / kGroup));
+  const int64_t num_reqs = query.size(0);
+  const int64_t num_heads = query.size(1);
+  const int64_t block_size = key_cache.size(1);
+  const int64_t num_kv_heads = key_cache.size(2);
+  const int64_t max_blocks = block_tables.size(1);
+  const int64_t token_stride = num_kv_heads * kDim;
+  const auto* q_data = reinterpret_cast<const uint16_t*>(query.data_ptr<c10::BFloat16>());
+  const auto* k_data = reinterpret_cast<const uint16_t*>(key_cache.data_ptr<c10::BFloat16>());
+  const auto* v_data = reinterpret_cast<const uint16_t*>(value_cache.data_ptr<c10::BFloat16>());
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  auto* out_data = out.data_ptr<c10::BFloat16>();
+  const float scale_f = static_cast<float>(scale);
+
+  const DecodeTasks tasks = decode_tasks(num_reqs, num_kv_heads, lens);
+  for_balanced_ranges(tasks.cost_before, [&](int64_t begin, int64_t end) {
+    const int64_t task_heads = tasks.heads_per_task * kGroup;
+    std::vector<float> scores, out_rows(task_heads * kDim);
+    floatv partial[kGroup][kLanes];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t req = task / tasks.tasks_per_req;
+      const int64_t first_kv_head = (task % tasks.tasks_per_req) * tasks.heads_per_task;
+      const int64_t seq_len = lens[req];
+      const int32_t* table = tables + req * max_blocks;
+      const uint16_t* q_task = q_data + (req * num_heads + first_kv_head * kGroup) * kDim;
+      scores.resize(task_heads * seq_len);
+
+      // Runs of at most kLanes slots inside one block: visit(first, count, slot of the first).
+      auto for_each_run = [&](auto&& visit) {
+        for (int64_t first = 0; first < seq_len;) {
+          const int64_t count = std::min({kLanes, seq_len - first, block_size - first % block_size});
+          visit(first, count, static_cast<int64_t>(table[first / block_size]) * block_size + first % block_size);
+          first += count;
+        }
+      };
+
+      for_each_run([&](int64_t first, int64_t count, int64_t slot) {
+        for (int64_t j = 0; j < tasks.heads_per_task; ++j) {
+          const uint16_t* keys = k_data + slot * token_stride + (first_kv_head + j) * kDim;
+          __m512bh q[kGroup][kPairs];
+          for (int64_t g = 0; g < kGroup; ++g)
+            for (int64_t c = 0; c < kPairs; ++c)
+              q[g][c] = (__m512bh)_mm512_loadu_si512(q_task + (j * kGroup + g) * kDim + 32 * c);
+          for (int64_t t = 0; t < count; ++t) {
+            __m512bh k[kPairs];
+            for (int64_t c = 0; c < kPairs; ++c)
+              k[c] = (__m512bh)_mm512_loadu_si512(keys + t * token_stride + 32 * c);
+            for (int64_t g = 0; g < kGroup; ++g) {
+              __m512 acc = _mm512_setzero_ps();
+              for (int64_t c = 0; c < kPairs; ++c) acc = _mm512_dpbf16_ps(acc, k[c], q[g][c]);
+              partial[g][t] = (floatv)acc;
+            }
+          }
+          for (int64_t g = 0; g < kGroup; ++g) {
+            for (int64_t t = count; t < kLanes; ++t) partial[g][t] = floatv{};
+            float sums[kLanes];
+            sum_each(partial[g], sums);
+            float* s = scores.data() + (j * kGroup + g) * seq_len + first;
+            for (int64_t t = 0; t < count; ++t) s[t] = sums[t] * scale_f;
+          }
+        }
+      });
+
+      for (int64_t h = 0; h < task_heads; ++h) {  // softmax over each query head's scores
+        float* s = scores.data() + h * seq_len;
+        float max_score = s[0];
+        for (int64_t i = 1; i < seq_len; ++i) max_score = std::max(max_score, s[i]);
+        float total = 0.f;
+        for (int64_t i = 0; i < seq_len; ++i) {
+          s[i] = std::exp(s[i] - max_score);
+          total += s[i];
+        }
+        const float inv = 1.f / total;
+        for (int64_t i = 0; i < seq_len; ++i) s[i] *= inv;
+      }
+
+      std::fill(out_rows.begin(), out_rows.end(), 0.f);
+      for_each_run([&](int64_t first, int64_t count, int64_t slot) {
+        for (int64_t j = 0; j < tasks.heads_per_task; ++j) {
+          const uint16_t* values = v_data + slot * token_stride + (first_kv_head + j) * kDim;
+          const float* p = scores.data() + j * kGroup * seq_len + first;
+          float* o = out_rows.data() + j * kGroup * kDim;
+          for (int64_t c0 = 0; c0 < kVectors; c0 += kHeld) {
+            __m512 acc[kGroup][kHeld];
+            for (int64_t g = 0; g < kGroup; ++g)
+              for (int64_t c = 0; c < kHeld; ++c) acc[g][c] = _mm512_loadu_ps(o + g * kDim + (c0 + c) * kLanes);
+            for (int64_t t = 0; t < count; ++t) {
+              for (int64_t c = 0; c < kHeld; ++c) {
+                const __m256i raw = _mm256_loadu_si256(
+                    reinterpret_cast<const __m256i*>(values + t * token_stride + (c0 + c) * kLanes));
+                const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+                for (int64_t g = 0; g < kGroup; ++g)
+                  acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * seq_len + t]), v, acc[g][c]);
+              }
+            }
+            for (int64_t g = 0; g < kGroup; ++g)
+              for (int64_t c = 0; c < kHeld; ++c) _mm512_storeu_ps(o + g * kDim + (c0 + c) * kLanes, acc[g][c]);
+          }
+        }
+      });
+      c10::BFloat16* o = out_data + (req * num_heads + first_kv_head * kGroup) * kDim;
+      for (int64_t i = 0; i < task_heads * kDim; ++i) o[i] = static_cast<c10::BFloat16>(out_rows[i]);
+    }
+  });
+}
+
+// The compile-time instance for a head size and group, or nullptr (then the generic kernel runs).
+using Bf16AttentionFn = void (*)(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const at::Tensor&, const at::Tensor&, double);
+template <int64_t kDim>
+Bf16AttentionFn bf16_attention_for_group(int64_t group) {
+  switch (group) {
+    case 1: return decode_attention_bf16<kDim, 1>;
+    case 2: return decode_attention_bf16<kDim, 2>;
+    case 3: return decode_attention_bf16<kDim, 3>;
+    case 4: return decode_attention_bf16<kDim, 4>;
+    case 5: return decode_attention_bf16<kDim, 5>;
+    case 6: return decode_attention_bf16<kDim, 6>;
+    case 7: return decode_attention_bf16<kDim, 7>;
+    case 8: return decode_attention_bf16<kDim, 8>;
+    default: return nullptr;
+  }
+}
+
+Bf16AttentionFn bf16_attention(int64_t head_dim, int64_t group) {
+  switch (head_dim) {
+    case 64: return bf16_attention_for_group<64>(group);
+    case 128: return bf16_attention_for_group<128>(group);
+    default: return nullptr;
+  }
+}
+#endif
+
 }  // namespace
 
 void paged_decode_attention(
@@ -227,6 +420,14 @@ void paged_decode_attention(
   TORCH_CHECK(block_tables.is_contiguous() && seq_lens.is_contiguous(), "tables must be contiguous");
   TORCH_CHECK(query.size(1) % key_cache.size(2) == 0, "num_heads must be a multiple of num_kv_heads");
   TORCH_CHECK(key_cache.scalar_type() == query.scalar_type() && out.scalar_type() == query.scalar_type(), "one dtype");
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  if (query.scalar_type() == at::kBFloat16) {
+    if (const Bf16AttentionFn kernel = bf16_attention(query.size(2), query.size(1) / key_cache.size(2))) {
+      kernel(out, query, key_cache, value_cache, block_tables, seq_lens, scale);
+      return;
+    }
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_decode_attention", [&] {
     switch (query.size(2)) {  // the common head sizes get their loops unrolled
       case 64:
