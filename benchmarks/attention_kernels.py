@@ -1,7 +1,9 @@
 """CPU attention per layer with SmolLM2's heads (9 query, 3 KV, dim 64, bf16), timed.
 
   decode   the C++ kernel (backends/cpu/csrc/paged_attention.cpp) for R requests x L cached
-           tokens, blocks of 16 scattered over the cache; then the whole layer call a compiled
+           tokens, blocks of 16 scattered over the cache, called again and again on one cache
+           (which then sits in the CPU's caches) and, per layer, over 30 layers' caches in turn
+           (each read from memory, as in a model's step); then the whole layer call a compiled
            graph makes in a decode-only step (`tessera::attention`: the op's dispatch, the
            backend's Python, storing the step's keys and values, the kernel), so the difference
            is what the layer adds around the kernel
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,17 +43,26 @@ def best_us(run: Callable[[], object], repeats: int, inner: int = 20) -> float:
     return min(times) * 1e6
 
 
-def decode_us(module: object, num_reqs: int, length: int, repeats: int) -> float:
+def decode_us(module: Any, num_reqs: int, length: int, repeats: int, layers: int = 1) -> float:
+    """Microseconds per layer, the kernel run over `layers` caches in turn."""
     gen = torch.Generator().manual_seed(0)
     blocks_per_req = -(-length // BLOCK)
     num_blocks = num_reqs * blocks_per_req
-    keys = torch.randn(num_blocks, BLOCK, KV_HEADS, DIM, generator=gen).to(torch.bfloat16)
-    values = torch.randn(num_blocks, BLOCK, KV_HEADS, DIM, generator=gen).to(torch.bfloat16)
-    tables = torch.randperm(num_blocks, generator=gen).view(num_reqs, blocks_per_req).to(torch.int32)
+    caches = []
+    for _ in range(layers):
+        keys = torch.randn(num_blocks, BLOCK, KV_HEADS, DIM, generator=gen).to(torch.bfloat16)
+        values = torch.randn(num_blocks, BLOCK, KV_HEADS, DIM, generator=gen).to(torch.bfloat16)
+        tables = torch.randperm(num_blocks, generator=gen).view(num_reqs, blocks_per_req).to(torch.int32)
+        caches.append((keys, values, tables))
     query = torch.randn(num_reqs, HEADS, DIM, generator=gen).to(torch.bfloat16)
     lengths = torch.full((num_reqs,), length, dtype=torch.int32)
     out = torch.empty_like(query)
-    return best_us(lambda: module.paged_decode_attention(out, query, keys, values, tables, lengths, DIM**-0.5), repeats)
+
+    def run() -> None:
+        for keys, values, tables in caches:
+            module.paged_decode_attention(out, query, keys, values, tables, lengths, DIM**-0.5)
+
+    return best_us(run, repeats, inner=max(1, 20 // layers)) / layers
 
 
 def layer_call_us(num_reqs: int, length: int, repeats: int) -> float:
@@ -104,11 +116,13 @@ def main() -> None:
     if module is None:
         print("the C++ kernels are unavailable here (see the log); decode not measured")
     else:
-        print("| decoding requests x context | kernel (us) | layer call (us) |\n|---|---:|---:|")
+        print("| decoding requests x context | kernel (us) | kernel, 30 layers' caches (us per layer) "
+              "| layer call (us) |\n|---|---:|---:|---:|")
         for num_reqs, length in ((1, 100), (1, 2000), (32, 100), (32, 600)):
             kernel = decode_us(module, num_reqs, length, args.repeats)
+            cold = decode_us(module, num_reqs, length, args.repeats, layers=30)
             call = layer_call_us(num_reqs, length, args.repeats)
-            print(f"| {num_reqs} x {length} | {kernel:,.0f} | {call:,.0f} |")
+            print(f"| {num_reqs} x {length} | {kernel:,.0f} | {cold:,.0f} | {call:,.0f} |")
     print("\n| prompt tokens | SDPA 3-d inputs (us) | SDPA 4-d inputs (us) |\n|---|---:|---:|")
     for length in (128, 300, 600):
         unbatched, batched = (prefill_us(length, b, args.repeats) for b in (False, True))

@@ -298,15 +298,32 @@ void decode_attention_bf16(at::Tensor& out, const at::Tensor& query, const at::T
       scores.resize(task_heads * seq_len);
 
       // Runs of at most kLanes slots inside one block: visit(first, count, slot of the first).
-      auto for_each_run = [&](auto&& visit) {
+      // The cache comes from memory (a step's weights pass through the caches between two
+      // layers), so the next run's rows of this task's heads are prefetched into L2 first
+      // (30 layers of 32 x 124 cached tokens, each layer's cache cold: 9.2-11.9 ms without,
+      // 7.4-8.6 ms with; fetching two runs ahead, or the values during the keys' pass, was slower).
+      const int64_t task_bytes = tasks.heads_per_task * kDim * static_cast<int64_t>(sizeof(uint16_t));
+      auto run_length = [&](int64_t first) {
+        return std::min({kLanes, seq_len - first, block_size - first % block_size});
+      };
+      auto slot_of = [&](int64_t position) {
+        return static_cast<int64_t>(table[position / block_size]) * block_size + position % block_size;
+      };
+      auto for_each_run = [&](const uint16_t* cache, auto&& visit) {
         for (int64_t first = 0; first < seq_len;) {
-          const int64_t count = std::min({kLanes, seq_len - first, block_size - first % block_size});
-          visit(first, count, static_cast<int64_t>(table[first / block_size]) * block_size + first % block_size);
-          first += count;
+          const int64_t count = run_length(first), next = first + count;
+          if (next < seq_len) {
+            const auto* rows = reinterpret_cast<const char*>(cache + slot_of(next) * token_stride + first_kv_head * kDim);
+            for (int64_t t = 0; t < run_length(next); ++t)
+              for (int64_t byte = 0; byte < task_bytes; byte += 64)
+                _mm_prefetch(rows + t * token_stride * static_cast<int64_t>(sizeof(uint16_t)) + byte, _MM_HINT_T1);
+          }
+          visit(first, count, slot_of(first));
+          first = next;
         }
       };
 
-      for_each_run([&](int64_t first, int64_t count, int64_t slot) {
+      for_each_run(k_data, [&](int64_t first, int64_t count, int64_t slot) {
         for (int64_t j = 0; j < tasks.heads_per_task; ++j) {
           const uint16_t* keys = k_data + slot * token_stride + (first_kv_head + j) * kDim;
           __m512bh q[kGroup][kPairs];
@@ -347,7 +364,7 @@ void decode_attention_bf16(at::Tensor& out, const at::Tensor& query, const at::T
       }
 
       std::fill(out_rows.begin(), out_rows.end(), 0.f);
-      for_each_run([&](int64_t first, int64_t count, int64_t slot) {
+      for_each_run(v_data, [&](int64_t first, int64_t count, int64_t slot) {
         for (int64_t j = 0; j < tasks.heads_per_task; ++j) {
           const uint16_t* values = v_data + slot * token_stride + (first_kv_head + j) * kDim;
           const float* p = scores.data() + j * kGroup * seq_len + first;
