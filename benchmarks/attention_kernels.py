@@ -8,7 +8,8 @@
            backend's Python, storing the step's keys and values, the kernel), so the difference
            is what the layer adds around the kernel
   prefill  one prompt of L tokens through torch's SDPA, with 3-d inputs (torch's unfused math
-           path) and with the 4-d inputs the backend passes (its flash-attention kernel)
+           path) and with 4-d inputs (its flash-attention kernel, which the backend used before
+           tessera's own), and through tessera's C++ prefill kernel reading the paged cache
 
 Prints markdown tables of microseconds per call (best of --repeats).
 """
@@ -107,6 +108,22 @@ def prefill_us(length: int, batched: bool, repeats: int) -> float:
     return best_us(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), repeats, inner=3)
 
 
+def prefill_kernel_us(module: Any, length: int, repeats: int) -> float:
+    gen = torch.Generator().manual_seed(0)
+    num_blocks = -(-length // BLOCK)
+    keys = torch.randn(num_blocks, BLOCK, KV_HEADS, DIM, generator=gen).to(torch.bfloat16)
+    values = torch.randn(num_blocks, BLOCK, KV_HEADS, DIM, generator=gen).to(torch.bfloat16)
+    tables = torch.randperm(num_blocks, generator=gen).view(1, num_blocks).to(torch.int32)
+    query = torch.randn(length, HEADS, DIM, generator=gen).to(torch.bfloat16)
+    out = torch.empty_like(query)
+    starts, lengths = torch.zeros(1, dtype=torch.int32), torch.full((1,), length, dtype=torch.int32)
+    return best_us(
+        lambda: module.paged_prefill_attention(out, query, keys, values, tables, starts, lengths, lengths, DIM**-0.5),
+        repeats,
+        inner=3,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
@@ -123,10 +140,12 @@ def main() -> None:
             cold = decode_us(module, num_reqs, length, args.repeats, layers=30)
             call = layer_call_us(num_reqs, length, args.repeats)
             print(f"| {num_reqs} x {length} | {kernel:,.0f} | {cold:,.0f} | {call:,.0f} |")
-    print("\n| prompt tokens | SDPA 3-d inputs (us) | SDPA 4-d inputs (us) |\n|---|---:|---:|")
+    with_kernel = module is not None and DIM in module.prefill_attention_head_dims()
+    print("\n| prompt tokens | SDPA 3-d inputs (us) | SDPA 4-d inputs (us) | tessera kernel (us) |\n|---|---:|---:|---:|")
     for length in (128, 300, 600):
         unbatched, batched = (prefill_us(length, b, args.repeats) for b in (False, True))
-        print(f"| {length} | {unbatched:,.0f} | {batched:,.0f} |")
+        kernel = f"{prefill_kernel_us(module, length, args.repeats):,.0f}" if with_kernel else "-"
+        print(f"| {length} | {unbatched:,.0f} | {batched:,.0f} | {kernel} |")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
 Each step's requests split into decodes (one query token) and prefills (a prompt or a chunk of
 one). Decodes are computed together, straight from the block tables, by the C++ kernel in
 csrc/paged_attention.cpp (or, without a compiler, by a gather into a padded batch and two grouped
-matmuls). Prefills are few per step and large, so each runs as one SDPA call: on its own K/V when
-the whole sequence is in this step, else on its cached K/V gathered by slot with a causal mask
-offset to the chunk's position. What the step's layout implies (which rows decode, the gather
+matmuls). Prefills, for bf16 caches with the head sizes it is built for, also run together in one
+C++ call that reads the cache through the block tables; otherwise each is one SDPA call: on its
+own K/V when the whole sequence is in this step, else on its cached K/V gathered by slot with a
+causal mask offset to the chunk's position. What the step's layout implies (which rows decode, the gather
 indices, the masks) is computed by the first layer and reused by the others. In a decode-only
 step each layer is a single C++ call that stores the step's keys and values and attends.
 """
@@ -36,6 +37,12 @@ class _StepPlan:
     decode_seq_lens: torch.Tensor  # (num_decodes,) int32
     decode_seq_lens_cpu: list[int]
     prefills: list[_Prefill]
+    # the prefills for the C++ prefill kernel: their first rows, query lengths, sequence
+    # lengths and block tables (int32, one row per prefill)
+    prefill_starts: torch.Tensor | None = None
+    prefill_query_lens: torch.Tensor | None = None
+    prefill_seq_lens: torch.Tensor | None = None
+    prefill_tables: torch.Tensor | None = None
     # torch fallback for decodes (no kernel): padded gather indices and the length mask
     gather_slots: torch.Tensor | None = None  # (num_decodes, max_seq_len) int64
     gather_mask: torch.Tensor | None = None  # (num_decodes, 1, 1, max_seq_len) bool
@@ -80,6 +87,8 @@ class CpuAttentionBackend(AttentionBackend):
 
     def __init__(self, use_kernel: bool = True) -> None:
         self.kernels = kernels.load() if use_kernel else None
+        # head sizes the C++ prefill kernel is built for on this CPU (bf16 caches; else SDPA)
+        self.prefill_head_dims = set(self.kernels.prefill_attention_head_dims()) if self.kernels else set()
 
     def allocate_kv_cache(
         self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: Any, device: Any
@@ -121,9 +130,25 @@ class CpuAttentionBackend(AttentionBackend):
         if plan.decode_rows is not None and len(plan.decode_rows):
             rows = plan.decode_rows
             out[rows] = self._decode(query[rows], kv_cache, key_cache, value_cache, plan, scale)
+        if self._prefill_kernel_takes(query, kv_cache):
+            assert plan.prefill_tables is not None
+            self.kernels.paged_prefill_attention(
+                out, query.contiguous(), kv_cache[0], kv_cache[1], plan.prefill_tables, plan.prefill_starts,
+                plan.prefill_query_lens, plan.prefill_seq_lens, scale,
+            )
+            return out
         for prefill in plan.prefills:
             out[prefill.tokens] = self._prefill(query, key, value, key_cache, value_cache, prefill, scale)
         return out
+
+    def _prefill_kernel_takes(self, query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+        """Whether the C++ prefill kernel is built for this step's layout (bf16, its head sizes)."""
+        return (
+            self.kernels is not None
+            and query.dtype == torch.bfloat16
+            and kv_cache.dtype == torch.bfloat16
+            and query.shape[-1] in self.prefill_head_dims
+        )
 
     # -- per-step plan ----------------------------------------------------------------------------
     def _plan(self, metadata: AttentionMetadata) -> _StepPlan:
@@ -153,6 +178,12 @@ class CpuAttentionBackend(AttentionBackend):
             decode_seq_lens_cpu=[metadata.seq_lens_cpu[i] for i in decodes],
             prefills=prefills,
         )
+        if prefills and self.kernels is not None:
+            indexes = [i for i, n in enumerate(metadata.query_lens_cpu) if n > 1]
+            plan.prefill_starts = torch.tensor([p.tokens.start for p in prefills], dtype=torch.int32)
+            plan.prefill_query_lens = torch.tensor([metadata.query_lens_cpu[i] for i in indexes], dtype=torch.int32)
+            plan.prefill_seq_lens = torch.tensor([metadata.seq_lens_cpu[i] for i in indexes], dtype=torch.int32)
+            plan.prefill_tables = metadata.block_tables[torch.tensor(indexes)].to(torch.int32).contiguous()
         if decodes and self.kernels is None:
             max_len = max(plan.decode_seq_lens_cpu)
             plan.gather_slots = torch.stack(

@@ -223,3 +223,50 @@ def test_decode_attention_over_scattered_blocks(dtype, use_kernel, shape):
         torch.testing.assert_close(k[-1], new_kv[0][row])  # the new key was stored in its slot
         expected = _reference(query[row : row + 1], k, v, dim**-0.5)[0]
         torch.testing.assert_close(out[row].float(), expected, rtol=0, atol=tol)
+
+
+PREFILL_SHAPES = {  # (query heads, KV heads, head dim, block size): the C++ prefill kernel's head sizes
+    "smollm2": (9, 3, 64, 16),
+    "dim128-block32": (4, 1, 128, 32),
+}
+
+
+@pytest.mark.parametrize("shape", PREFILL_SHAPES.values(), ids=PREFILL_SHAPES.keys())
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "torch"])
+def test_prefills_and_decodes_in_one_step_match_dense_attention(use_kernel, shape):
+    """One bf16 step holding a fresh 40-token prompt, a 17-token chunk after 33 cached tokens, a
+    one-token prompt and a decode, their blocks scattered over the cache: every row matches dense
+    causal attention over its request's tokens (query tiles of 16 rows, partial last tiles,
+    chunks that start mid-block)."""
+    gen = torch.Generator().manual_seed(3)
+    heads, kv_heads, dim, block = shape
+    backend = _backend(use_kernel)
+    # (tokens cached before the step, tokens in the step) per request
+    layout = [(0, 40), (33, 17), (0, 1), (57, 1)]
+    blocks_needed = [-(-(done + new) // block) for done, new in layout]
+    num_blocks = sum(blocks_needed) + 3
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    width = max(blocks_needed)
+    tables, used = [], 0
+    for count in blocks_needed:
+        tables.append(order[used : used + count] + [0] * (width - count))
+        used += count
+    cache = backend.allocate_kv_cache(num_blocks, block, kv_heads, dim, torch.bfloat16, "cpu")
+    cache.fill_(float("nan"))  # no path may read a slot that was not written
+    full = [torch.randn(d + n, heads + 2 * kv_heads, dim, generator=gen).to(torch.bfloat16) for d, n in layout]
+    flat = cache.view(2, -1, kv_heads, dim)
+    for (done, _), table, seq in zip(layout, tables, full, strict=True):  # the cached tokens
+        slots = torch.tensor([table[p // block] * block + p % block for p in range(done)], dtype=torch.long)
+        flat[0][slots] = seq[:done, heads : heads + kv_heads]
+        flat[1][slots] = seq[:done, heads + kv_heads :]
+    slots, q, k, v = [], [], [], []
+    for (done, new), table, seq in zip(layout, tables, full, strict=True):
+        slots += [table[p // block] * block + p % block for p in range(done, done + new)]
+        q.append(seq[done:, :heads])
+        k.append(seq[done:, heads : heads + kv_heads])
+        v.append(seq[done:, heads + kv_heads :])
+    metadata = _metadata(slots, tables, [n for _, n in layout], [d + n for d, n in layout], block)
+    outputs = backend.forward(torch.cat(q), torch.cat(k), torch.cat(v), cache, metadata, dim**-0.5)
+    for out, (done, _), seq in zip(outputs.split([n for _, n in layout]), layout, full, strict=True):
+        expected = _reference(seq[:, :heads], seq[:, heads : heads + kv_heads], seq[:, heads + kv_heads :], dim**-0.5)
+        torch.testing.assert_close(out.float(), expected[done:], rtol=0, atol=2e-2)

@@ -10,6 +10,11 @@ void write_kv_cache(at::Tensor kv_cache, const at::Tensor& key, const at::Tensor
 at::Tensor paged_decode_step(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                              at::Tensor kv_cache, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                              const at::Tensor& seq_lens, double scale);
+void paged_prefill_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& key_cache,
+                             const at::Tensor& value_cache, const at::Tensor& block_tables,
+                             const at::Tensor& query_starts, const at::Tensor& query_lens, const at::Tensor& seq_lens,
+                             double scale);
+std::vector<int64_t> prefill_attention_head_dims();
 bool group_quant_linear_supported();  // group_quant_linear.cpp, which registers tessera::group_quant_linear
 void bind_decoder_stack(pybind11::module& m);  // decoder_stack.cpp: the DecoderStack class
 
@@ -20,6 +25,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "kv_cache[0 and 1] at slot_mapping[t] = key[t] and value[t] (the step's new tokens)");
   m.def("paged_decode_step", &paged_decode_step,
         "write_kv_cache, then paged_decode_attention into a new output: one layer of a decode-only step");
+  m.def("paged_prefill_attention", &paged_prefill_attention,
+        "causal attention of requests' query rows (prompts or chunks) to their cached tokens (bf16)");
+  m.def("prefill_attention_head_dims", &prefill_attention_head_dims,
+        "the head sizes paged_prefill_attention is built for on this CPU (bf16 caches)");
   m.def("group_quant_linear_supported", &group_quant_linear_supported,
         "whether torch.ops.tessera.group_quant_linear was built (it needs AVX512-BF16 and VNNI)");
   bind_decoder_stack(m);

@@ -420,6 +420,163 @@ Bf16AttentionFn bf16_attention(int64_t head_dim, int64_t group) {
 }
 #endif
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// Prefill attention for bf16 caches on CPUs with AVX512-BF16: the query rows of several prompts
+// (or chunks of prompts) attend causally to their requests' cached tokens, read through the
+// block tables (the step's own keys and values are stored before). A task is one query head of
+// 16 consecutive rows of one request; its 16 rows are the 16 lanes of every vector:
+// - q.k: the tile's queries are transposed once into pairs of dimensions x 16 rows, and
+//   `vdpbf16ps` multiplies each pair with the matching pair of a cached key (broadcast from the
+//   cache): 32 exact products per instruction, 16 rows' scores of one key per register, and
+//   no horizontal sums;
+// - softmax: per key, one vector holds the 16 rows' scores, so the maximum, exp and sum are
+//   plain vector operations; keys after a row's position are masked out;
+// - p.v: the task's value rows are widened once into float32, and each row accumulates
+//   p * v in float32 (4 or 2 rows at a time, to stay in registers).
+template <int64_t kDim>
+void prefill_attention_bf16(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                            const at::Tensor& value_cache, const at::Tensor& block_tables,
+                            const at::Tensor& query_starts, const at::Tensor& query_lens,
+                            const at::Tensor& seq_lens, double scale) {
+  constexpr int64_t kPairs = kDim / 2;         // bf16 pairs per head row
+  constexpr int64_t kVectors = kDim / 16;      // float32 registers per head row
+  constexpr int64_t kRowsHeld = 16 / kVectors; // p.v rows accumulated at once
+  constexpr float kMasked = -1e30f;            // a score exp() takes to 0 (no infinities: -ffast-math)
+  const int64_t num_heads = query.size(1);
+  const int64_t block_size = key_cache.size(1);
+  const int64_t num_kv_heads = key_cache.size(2);
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t max_blocks = block_tables.size(1);
+  const int64_t token_stride = num_kv_heads * kDim;  // between consecutive cache slots
+  const int64_t row_stride = num_heads * kDim;       // between consecutive query rows
+  const auto* q_data = reinterpret_cast<const uint16_t*>(query.data_ptr<c10::BFloat16>());
+  const auto* k_data = reinterpret_cast<const uint16_t*>(key_cache.data_ptr<c10::BFloat16>());
+  const auto* v_data = reinterpret_cast<const uint16_t*>(value_cache.data_ptr<c10::BFloat16>());
+  auto* out_data = out.data_ptr<c10::BFloat16>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int32_t* starts = query_starts.data_ptr<int32_t>();
+  const int32_t* q_lens = query_lens.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const float scale_f = static_cast<float>(scale);
+
+  struct Task {
+    int64_t request, head, first_row;  // first_row: within the request's query rows
+  };
+  std::vector<Task> task_list;
+  std::vector<int64_t> cost_before{0};
+  for (int64_t r = 0; r < query_starts.size(0); ++r) {
+    for (int64_t head = 0; head < num_heads; ++head) {
+      for (int64_t row = 0; row < q_lens[r]; row += kLanes) {
+        task_list.push_back({r, head, row});
+        const int64_t keys = lens[r] - q_lens[r] + std::min<int64_t>(row + kLanes, q_lens[r]);
+        cost_before.push_back(cost_before.back() + keys + 32);
+      }
+    }
+  }
+
+  for_balanced_ranges(cost_before, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> q_pairs(kPairs * kLanes);  // [pair][row]
+    std::vector<float> scores, values;               // [key][row], [key][dim]
+    std::vector<const uint16_t*> key_rows;
+    for (int64_t index = begin; index < end; ++index) {
+      const Task& task = task_list[index];
+      const int64_t q_len = q_lens[task.request], seq_len = lens[task.request];
+      const int64_t rows = std::min<int64_t>(kLanes, q_len - task.first_row);
+      const int64_t first_position = seq_len - q_len + task.first_row;  // of the tile's first row
+      const int64_t num_keys = first_position + rows;
+      const int64_t kv_head = task.head / group;
+      const int32_t* table = tables + task.request * max_blocks;
+      key_rows.resize(num_keys);
+      for (int64_t key = 0; key < num_keys; ++key) {
+        const int64_t slot = static_cast<int64_t>(table[key / block_size]) * block_size + key % block_size;
+        key_rows[key] = k_data + slot * token_stride + kv_head * kDim;
+      }
+
+      // the tile's queries as [pair][row] (rows past the tile stay 0)
+      std::fill(q_pairs.begin(), q_pairs.end(), 0u);
+      const uint16_t* q_tile = q_data + (starts[task.request] + task.first_row) * row_stride + task.head * kDim;
+      for (int64_t row = 0; row < rows; ++row) {
+        const auto* pairs = reinterpret_cast<const uint32_t*>(q_tile + row * row_stride);
+        for (int64_t p = 0; p < kPairs; ++p) q_pairs[p * kLanes + row] = pairs[p];
+      }
+
+      // scores[key][row] = scale * q_row . k_key, 8 keys at a time
+      scores.resize(num_keys * kLanes);
+      const __m512 scale_v = _mm512_set1_ps(scale_f);
+      const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+      const __m512i positions = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(first_position)));
+      for (int64_t key0 = 0; key0 < num_keys; key0 += 8) {
+        const int64_t count = std::min<int64_t>(8, num_keys - key0);
+        __m512 acc[8];
+        for (int64_t k = 0; k < 8; ++k) acc[k] = _mm512_setzero_ps();
+        const uint32_t* kp[8];
+        for (int64_t k = 0; k < 8; ++k) kp[k] = reinterpret_cast<const uint32_t*>(key_rows[key0 + std::min(k, count - 1)]);
+        for (int64_t p = 0; p < kPairs; ++p) {
+          const __m512bh q = (__m512bh)_mm512_loadu_si512(q_pairs.data() + p * kLanes);
+          for (int64_t k = 0; k < 8; ++k) acc[k] = _mm512_dpbf16_ps(acc[k], (__m512bh)_mm512_set1_epi32(kp[k][p]), q);
+        }
+        for (int64_t k = 0; k < count; ++k) {
+          const int64_t key = key0 + k;
+          __m512 s = _mm512_mul_ps(acc[k], scale_v);
+          if (key > first_position) {  // causal: row r sees keys up to first_position + r
+            const __mmask16 hidden = _mm512_cmplt_epi32_mask(positions, _mm512_set1_epi32(static_cast<int32_t>(key)));
+            s = _mm512_mask_mov_ps(s, hidden, _mm512_set1_ps(kMasked));
+          }
+          _mm512_storeu_ps(scores.data() + key * kLanes, s);
+        }
+      }
+
+      // softmax over the keys, per row (lane)
+      __m512 max_v = _mm512_set1_ps(kMasked);
+      for (int64_t key = 0; key < num_keys; ++key) max_v = _mm512_max_ps(max_v, _mm512_loadu_ps(scores.data() + key * kLanes));
+      alignas(64) float maxes[kLanes], totals[kLanes] = {};
+      _mm512_store_ps(maxes, max_v);
+      for (int64_t key = 0; key < num_keys; ++key) {
+        float* s = scores.data() + key * kLanes;
+        for (int64_t r = 0; r < kLanes; ++r) {
+          s[r] = std::exp(s[r] - maxes[r]);
+          totals[r] += s[r];
+        }
+      }
+
+      // the values, widened to float32 once
+      values.resize(num_keys * kDim);
+      for (int64_t key = 0; key < num_keys; ++key) {
+        const uint16_t* v_row = v_data + (key_rows[key] - k_data);  // the same slot and head
+        for (int64_t c = 0; c < kVectors; ++c) {
+          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v_row + c * 16));
+          _mm512_storeu_ps(values.data() + key * kDim + c * 16,
+                           _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)));
+        }
+      }
+
+      // out_row = sum_key p[key][row] v_key / total[row]
+      c10::BFloat16* out_tile = out_data + (starts[task.request] + task.first_row) * row_stride + task.head * kDim;
+      for (int64_t row0 = 0; row0 < rows; row0 += kRowsHeld) {
+        __m512 acc[kRowsHeld][kVectors];
+        for (int64_t r = 0; r < kRowsHeld; ++r)
+          for (int64_t c = 0; c < kVectors; ++c) acc[r][c] = _mm512_setzero_ps();
+        const int64_t last_key = std::min<int64_t>(num_keys, first_position + row0 + kRowsHeld);
+        for (int64_t key = 0; key < last_key; ++key) {
+          const float* p = scores.data() + key * kLanes + row0;
+          for (int64_t c = 0; c < kVectors; ++c) {
+            const __m512 v = _mm512_loadu_ps(values.data() + key * kDim + c * 16);
+            for (int64_t r = 0; r < kRowsHeld; ++r) acc[r][c] = _mm512_fmadd_ps(_mm512_set1_ps(p[r]), v, acc[r][c]);
+          }
+        }
+        for (int64_t r = 0; r < kRowsHeld && row0 + r < rows; ++r) {
+          const __m512 inv = _mm512_set1_ps(1.f / totals[row0 + r]);
+          for (int64_t c = 0; c < kVectors; ++c) {
+            const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][c], inv));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_tile + (row0 + r) * row_stride + c * 16), (__m256i)o);
+          }
+        }
+      }
+    }
+  });
+}
+#endif
+
 }  // namespace
 
 void paged_decode_attention(
@@ -503,4 +660,57 @@ at::Tensor paged_decode_step(const at::Tensor& query, const at::Tensor& key, con
   at::Tensor out = at::empty_like(q);
   paged_decode_attention(out, q, kv_cache.select(0, 0), kv_cache.select(0, 1), block_tables, seq_lens, scale);
   return out;
+}
+
+
+std::vector<int64_t> prefill_attention_head_dims() {
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  return {64, 128};
+#else
+  return {};
+#endif
+}
+
+// Causal attention of several requests' query rows (a prompt, or a chunk of one after cached
+// tokens) to their cached keys and values, which already hold this step's rows. Request i's
+// rows are query[query_starts[i] : query_starts[i] + query_lens[i]], at positions
+// seq_lens[i] - query_lens[i] .. seq_lens[i] - 1. bf16 only, head sizes from
+// prefill_attention_head_dims().
+void paged_prefill_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& key_cache,
+                             const at::Tensor& value_cache, const at::Tensor& block_tables,
+                             const at::Tensor& query_starts, const at::Tensor& query_lens, const at::Tensor& seq_lens,
+                             double scale) {
+  TORCH_CHECK(query.dim() == 3 && key_cache.dim() == 4 && value_cache.dim() == 4 && out.sizes() == query.sizes(),
+              "paged_prefill_attention: bad ranks");
+  TORCH_CHECK(query.is_contiguous() && key_cache.is_contiguous() && value_cache.is_contiguous() && out.is_contiguous(),
+              "paged_prefill_attention: tensors must be contiguous");
+  TORCH_CHECK(query.scalar_type() == at::kBFloat16 && key_cache.scalar_type() == at::kBFloat16 &&
+                  value_cache.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16,
+              "paged_prefill_attention: bf16 only");
+  TORCH_CHECK(query.size(1) % key_cache.size(2) == 0 && query.size(2) == key_cache.size(3),
+              "paged_prefill_attention: heads do not match the cache");
+  const int64_t num = query_starts.size(0);
+  for (const at::Tensor* t : {&block_tables, &query_starts, &query_lens, &seq_lens})
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous() && t->size(0) == num,
+                "paged_prefill_attention: int32 tables and lengths, one row per request");
+  const int32_t* starts = query_starts.data_ptr<int32_t>();
+  const int32_t* q_lens = query_lens.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  for (int64_t i = 0; i < num; ++i) {
+    TORCH_CHECK(q_lens[i] >= 1 && q_lens[i] <= lens[i] && starts[i] >= 0 && starts[i] + q_lens[i] <= query.size(0),
+                "paged_prefill_attention: request ", i, "'s rows are outside the query");
+    TORCH_CHECK((lens[i] + key_cache.size(1) - 1) / key_cache.size(1) <= block_tables.size(1),
+                "paged_prefill_attention: request ", i, " has more tokens than its block table holds");
+  }
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  switch (query.size(2)) {
+    case 64:
+      return prefill_attention_bf16<64>(out, query, key_cache, value_cache, block_tables, query_starts, query_lens,
+                                        seq_lens, scale);
+    case 128:
+      return prefill_attention_bf16<128>(out, query, key_cache, value_cache, block_tables, query_starts, query_lens,
+                                         seq_lens, scale);
+  }
+#endif
+  TORCH_CHECK(false, "paged_prefill_attention: head size ", query.size(2), " is not built on this CPU");
 }
