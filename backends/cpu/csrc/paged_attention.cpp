@@ -59,6 +59,19 @@ inline void widen<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_t n
   }
 }
 
+// s[0..n) = softmax(s[0..n)), in float32 (no infinities: the file is built with -ffast-math)
+inline void softmax_in_place(float* s, int64_t n) {
+  float max_score = s[0];
+  for (int64_t i = 1; i < n; ++i) max_score = std::max(max_score, s[i]);
+  float total = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    s[i] = std::exp(s[i] - max_score);
+    total += s[i];
+  }
+  const float inv = 1.f / total;
+  for (int64_t i = 0; i < n; ++i) s[i] *= inv;
+}
+
 // out[t] = sum of the lanes of v[t], for kLanes vectors: one transposing reduction instead of
 // kLanes separate horizontal sums (AVX-512: 15 adds and 30 shuffles for 16 dot products).
 inline void sum_each(const floatv* v, float* out) {
@@ -211,16 +224,7 @@ void decode_attention_kernel(
 
       // softmax over each query head's scores, in place
       for (int64_t h = 0; h < task_heads; ++h) {
-        float* s = scores.data() + h * seq_len;
-        float max_score = s[0];  // no infinities: the file is built with -ffast-math
-        for (int64_t j = 1; j < seq_len; ++j) max_score = std::max(max_score, s[j]);
-        float total = 0.f;
-        for (int64_t j = 0; j < seq_len; ++j) {
-          s[j] = std::exp(s[j] - max_score);
-          total += s[j];
-        }
-        const float inv = 1.f / total;
-        for (int64_t j = 0; j < seq_len; ++j) s[j] *= inv;
+        softmax_in_place(scores.data() + h * seq_len, seq_len);
       }
 
       // out_h = sum_j p_hj v_j, each head's accumulators held across a run
@@ -351,16 +355,7 @@ void decode_attention_bf16(at::Tensor& out, const at::Tensor& query, const at::T
       });
 
       for (int64_t h = 0; h < task_heads; ++h) {  // softmax over each query head's scores
-        float* s = scores.data() + h * seq_len;
-        float max_score = s[0];
-        for (int64_t i = 1; i < seq_len; ++i) max_score = std::max(max_score, s[i]);
-        float total = 0.f;
-        for (int64_t i = 0; i < seq_len; ++i) {
-          s[i] = std::exp(s[i] - max_score);
-          total += s[i];
-        }
-        const float inv = 1.f / total;
-        for (int64_t i = 0; i < seq_len; ++i) s[i] *= inv;
+        softmax_in_place(scores.data() + h * seq_len, seq_len);
       }
 
       std::fill(out_rows.begin(), out_rows.end(), 0.f);
