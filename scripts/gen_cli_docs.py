@@ -50,7 +50,8 @@ a few of its own (group "tessera" below). The differences from vLLM, all deliber
   `--enforce-eager` skips that and runs eagerly (slower steps, faster start). Either way, steps in
   which every request decodes one token run through the platform's decoder stack where the model
   has one (on the CPU: Llama-layout bf16 models with GGUF 4-bit or oneDNN-packed weights, such as
-  the default model; docs/architecture.md).
+  the default model; docs/architecture.md), and where the stack runs steps with prompts too (on
+  the CPU: head size 64 or 128, as the default model's) nothing is compiled.
 - **Harmless compatibility flags.** `--use-v2-block-manager` asks for the paged, prefix-caching
   block manager, which is the only one tessera has. `--disable-log-stats` turns off the stats line the server logs every
   10 seconds (throughput, running/waiting requests, KV cache use; the same figures are on `/metrics`).

@@ -82,6 +82,63 @@ def _slots(table: torch.Tensor, length: int, block_size: int, seq_len: int | Non
     return table.long()[positions // block_size] * block_size + positions % block_size
 
 
+def step_plan(metadata: AttentionMetadata, with_kernels: bool) -> _StepPlan:
+    """What a step's layout implies for attention (which rows decode, the prefills, the index
+    tensors the kernels or the torch fallback take), made by the first layer that asks and kept
+    in the step's metadata for the others (the decoder stack, backends/cpu/decoder_stack.py, asks
+    too)."""
+    plan = metadata.backend_state.get("cpu")
+    if plan is None:
+        plan = metadata.backend_state["cpu"] = _make_plan(metadata, with_kernels)
+    return plan
+
+
+def _make_plan(metadata: AttentionMetadata, with_kernels: bool) -> _StepPlan:
+    block_size = metadata.block_size
+    decodes: list[int] = []  # request indexes
+    decode_rows: list[int] = []
+    prefills: list[_Prefill] = []
+    start = 0
+    for index, (query_len, seq_len) in enumerate(zip(metadata.query_lens_cpu, metadata.seq_lens_cpu)):
+        if query_len == 1:
+            decodes.append(index)
+            decode_rows.append(start)
+        elif query_len == seq_len:
+            prefills.append(_Prefill(slice(start, start + query_len), None, None))
+        else:  # a later chunk, or a prompt whose prefix was cached
+            slots = _slots(metadata.block_tables[index], seq_len, block_size)
+            rows = torch.arange(seq_len - query_len, seq_len).unsqueeze(1)
+            mask = torch.arange(seq_len).unsqueeze(0) <= rows  # (query_len, seq_len)
+            prefills.append(_Prefill(slice(start, start + query_len), slots, mask))
+        start += query_len
+    index_tensor = torch.tensor(decodes, dtype=torch.long)
+    all_decode = len(decodes) == len(metadata.query_lens_cpu)
+    plan = _StepPlan(
+        decode_rows=None if all_decode else torch.tensor(decode_rows, dtype=torch.long),
+        decode_tables=(metadata.block_tables if all_decode else metadata.block_tables[index_tensor]).contiguous(),
+        decode_seq_lens=(metadata.seq_lens if all_decode else metadata.seq_lens[index_tensor]).contiguous(),
+        decode_seq_lens_cpu=[metadata.seq_lens_cpu[i] for i in decodes],
+        prefills=prefills,
+    )
+    if prefills and with_kernels:
+        indexes = [i for i, n in enumerate(metadata.query_lens_cpu) if n > 1]
+        plan.prefill_starts = torch.tensor([p.tokens.start for p in prefills], dtype=torch.int32)
+        plan.prefill_query_lens = torch.tensor([metadata.query_lens_cpu[i] for i in indexes], dtype=torch.int32)
+        plan.prefill_seq_lens = torch.tensor([metadata.seq_lens_cpu[i] for i in indexes], dtype=torch.int32)
+        plan.prefill_tables = metadata.block_tables[torch.tensor(indexes)].to(torch.int32).contiguous()
+    if decodes and not with_kernels:
+        max_len = max(plan.decode_seq_lens_cpu)
+        plan.gather_slots = torch.stack(
+            [
+                _slots(table, max_len, block_size, seq_len)
+                for table, seq_len in zip(plan.decode_tables, plan.decode_seq_lens_cpu, strict=True)
+            ]
+        )
+        lengths = plan.decode_seq_lens.long().view(-1, 1, 1, 1)
+        plan.gather_mask = torch.arange(max_len).view(1, 1, 1, -1) < lengths
+    return plan
+
+
 class CpuAttentionBackend(AttentionBackend):
     name = "cpu"
 
@@ -109,9 +166,7 @@ class CpuAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:  # (num_tokens, num_heads, head_dim)
         if key.dtype != kv_cache.dtype:
             key, value = key.to(kv_cache.dtype), value.to(kv_cache.dtype)
-        plan = metadata.backend_state.get("cpu")
-        if plan is None:
-            plan = metadata.backend_state["cpu"] = self._plan(metadata)
+        plan = step_plan(metadata, with_kernels=self.kernels is not None)
         if self.kernels is not None and not plan.prefills:  # decode-only: one C++ call stores and attends
             return self.kernels.paged_decode_step(
                 query, key, value, kv_cache, metadata.slot_mapping, plan.decode_tables, plan.decode_seq_lens, scale
@@ -149,52 +204,6 @@ class CpuAttentionBackend(AttentionBackend):
             and kv_cache.dtype == torch.bfloat16
             and query.shape[-1] in self.prefill_head_dims
         )
-
-    # -- per-step plan ----------------------------------------------------------------------------
-    def _plan(self, metadata: AttentionMetadata) -> _StepPlan:
-        block_size = metadata.block_size
-        decodes: list[int] = []  # request indexes
-        decode_rows: list[int] = []
-        prefills: list[_Prefill] = []
-        start = 0
-        for index, (query_len, seq_len) in enumerate(zip(metadata.query_lens_cpu, metadata.seq_lens_cpu)):
-            if query_len == 1:
-                decodes.append(index)
-                decode_rows.append(start)
-            elif query_len == seq_len:
-                prefills.append(_Prefill(slice(start, start + query_len), None, None))
-            else:  # a later chunk, or a prompt whose prefix was cached
-                slots = _slots(metadata.block_tables[index], seq_len, block_size)
-                rows = torch.arange(seq_len - query_len, seq_len).unsqueeze(1)
-                mask = torch.arange(seq_len).unsqueeze(0) <= rows  # (query_len, seq_len)
-                prefills.append(_Prefill(slice(start, start + query_len), slots, mask))
-            start += query_len
-        index_tensor = torch.tensor(decodes, dtype=torch.long)
-        all_decode = len(decodes) == len(metadata.query_lens_cpu)
-        plan = _StepPlan(
-            decode_rows=None if all_decode else torch.tensor(decode_rows, dtype=torch.long),
-            decode_tables=(metadata.block_tables if all_decode else metadata.block_tables[index_tensor]).contiguous(),
-            decode_seq_lens=(metadata.seq_lens if all_decode else metadata.seq_lens[index_tensor]).contiguous(),
-            decode_seq_lens_cpu=[metadata.seq_lens_cpu[i] for i in decodes],
-            prefills=prefills,
-        )
-        if prefills and self.kernels is not None:
-            indexes = [i for i, n in enumerate(metadata.query_lens_cpu) if n > 1]
-            plan.prefill_starts = torch.tensor([p.tokens.start for p in prefills], dtype=torch.int32)
-            plan.prefill_query_lens = torch.tensor([metadata.query_lens_cpu[i] for i in indexes], dtype=torch.int32)
-            plan.prefill_seq_lens = torch.tensor([metadata.seq_lens_cpu[i] for i in indexes], dtype=torch.int32)
-            plan.prefill_tables = metadata.block_tables[torch.tensor(indexes)].to(torch.int32).contiguous()
-        if decodes and self.kernels is None:
-            max_len = max(plan.decode_seq_lens_cpu)
-            plan.gather_slots = torch.stack(
-                [
-                    _slots(table, max_len, block_size, seq_len)
-                    for table, seq_len in zip(plan.decode_tables, plan.decode_seq_lens_cpu, strict=True)
-                ]
-            )
-            lengths = plan.decode_seq_lens.long().view(-1, 1, 1, 1)
-            plan.gather_mask = torch.arange(max_len).view(1, 1, 1, -1) < lengths
-        return plan
 
     # -- decodes ----------------------------------------------------------------------------------
     def _decode(

@@ -1,11 +1,13 @@
-"""The CPU platform's `DecoderStackKernel`: a decode-only step's whole layer stack in one C++ call.
+"""The CPU platform's `DecoderStackKernel`: a step's whole layer stack in one C++ call.
 
-csrc/decoder_stack.cpp runs every layer (norms, the matmuls, rotary, the paged decode attention,
-the gated MLP) without returning to Python. At one request this takes the compiled forward of the
+csrc/decoder_stack.cpp runs every layer (norms, the matmuls, rotary, the paged attention, the
+gated MLP) without returning to Python. At one request this takes the compiled forward of the
 4-bit SmolLM2-135M from ~5.7 to ~3.1 ms a step: under torch.compile the step is ~450 small ops
 whose entry costs, not the arithmetic, were half its time (docs/benchmarks.md). It takes bf16
 models whose projections are GGUF 4-bit groups (`tessera::group_quant_linear`) or bf16 weights
-packed for oneDNN (core/layers/onednn.py), on CPUs where the kernels build.
+packed for oneDNN (core/layers/onednn.py), on CPUs where the kernels build. Steps with prompts
+run here too where the C++ prefill attention is built for the head size; then the model needs no
+compiled graph at all.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 
 from tessera.backends.cpu import kernels
+from tessera.backends.cpu.attention import step_plan
 from tessera.backends.cpu.group_quant_linear import GroupQuantBlocks
 from tessera.core.interfaces.attention import AttentionMetadata
 from tessera.core.interfaces.decoder_stack import (
@@ -24,20 +27,25 @@ from tessera.core.interfaces.decoder_stack import (
 )
 
 
-class CpuDecoderStack:
+class CpuDecoderStack(DecoderStackForward):
     """The stack's forward: (hidden, positions, kv_caches, metadata) -> the final norm's output."""
 
-    def __init__(self, stack: Any) -> None:
+    def __init__(self, stack: Any, module: Any, runs_prefills: bool) -> None:
         self.stack = stack  # the C++ DecoderStack
+        self.module = module  # the kernels' module, for its StepLayout
+        self.runs_prefills = runs_prefills
 
     def __call__(
         self, hidden: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor], metadata: AttentionMetadata
     ) -> torch.Tensor:  # (num_tokens, hidden_size) -> (num_tokens, hidden_size)
-        assert metadata.is_decode_only
-        return self.stack.run(
-            hidden, positions, kv_caches, metadata.slot_mapping, metadata.block_tables.contiguous(),
-            metadata.seq_lens.contiguous(),
+        plan = step_plan(metadata, with_kernels=True)
+        if plan.prefills and not self.runs_prefills:
+            raise ValueError("this decoder stack runs decode-only steps; the step has prompts")
+        layout = self.module.StepLayout(
+            metadata.slot_mapping, plan.decode_rows, plan.decode_tables, plan.decode_seq_lens,
+            plan.prefill_starts, plan.prefill_query_lens, plan.prefill_seq_lens, plan.prefill_tables,
         )
+        return self.stack.run(hidden, positions, kv_caches, layout)
 
 
 class CpuDecoderStackKernel(DecoderStackKernel):
@@ -66,7 +74,8 @@ class CpuDecoderStackKernel(DecoderStackKernel):
             spec.rms_norm_eps,
             spec.attention_scale,
         )
-        return CpuDecoderStack(stack)
+        # the C++ prefill attention covers bf16 caches of some head sizes (the cache has the model's dtype)
+        return CpuDecoderStack(stack, module, runs_prefills=spec.head_dim in module.prefill_attention_head_dims())
 
 
 def _is_4bit_groups(weight: Any) -> bool:

@@ -48,9 +48,13 @@ def kernel_available() -> bool:
 
 
 def _group_quant_linear_shape(
-    x: torch.Tensor, packed: torch.Tensor, scales_mins: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales_mins: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], packed.shape[0] * BLOCK_COLUMNS)
+    return x.new_empty(*x.shape[:-1], packed.shape[0] * BLOCK_COLUMNS, dtype=out_dtype or x.dtype)
 
 
 @functools.cache
@@ -105,9 +109,12 @@ def repack(qweight: torch.Tensor, scales_zeros: torch.Tensor) -> GroupQuantBlock
     )
 
 
-def group_quant_linear(x: torch.Tensor, weight: GroupQuantBlocks, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T (+ bias) for bf16 x (..., K); y (..., N) in bf16. Only where `kernel_available()`."""
-    return torch.ops.tessera.group_quant_linear(x, weight.packed, weight.scales_mins, bias)
+def group_quant_linear(
+    x: torch.Tensor, weight: GroupQuantBlocks, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """y = x W^T (+ bias) for bf16 x (..., K); y (..., N) in bf16, or float32 if asked (the sums
+    are float32 either way). Only where `kernel_available()`."""
+    return torch.ops.tessera.group_quant_linear(x, weight.packed, weight.scales_mins, bias, out_dtype)
 
 
 def embedding(ids: torch.Tensor, weight: GroupQuantBlocks, dtype: torch.dtype) -> torch.Tensor:
@@ -145,8 +152,10 @@ class CpuGroupQuantKernel(GroupQuantKernel):
     def pack(self, qweight: torch.Tensor, scales_zeros: torch.Tensor) -> GroupQuantBlocks:
         return repack(qweight, scales_zeros)
 
-    def linear(self, x: torch.Tensor, packed: GroupQuantBlocks, bias: torch.Tensor | None) -> torch.Tensor:
-        return group_quant_linear(x, packed, bias)
+    def linear(
+        self, x: torch.Tensor, packed: GroupQuantBlocks, bias: torch.Tensor | None, out_dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        return group_quant_linear(x, packed, bias, out_dtype)
 
     def embedding(self, ids: torch.Tensor, packed: GroupQuantBlocks) -> torch.Tensor:
         return embedding(ids, packed, torch.bfloat16)

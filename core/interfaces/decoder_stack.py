@@ -1,4 +1,4 @@
-"""Decoder stacks: a platform's kernel that runs a model's whole layer stack for decode-only steps."""
+"""Decoder stacks: a platform's kernel that runs a model's whole layer stack for a step in one call."""
 
 from __future__ import annotations
 
@@ -7,9 +7,33 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-# (hidden (num_tokens, hidden_size), positions (num_tokens,), kv_caches, AttentionMetadata) ->
-# the final norm's output (num_tokens, hidden_size)
-DecoderStackForward = Callable[[Any, Any, list[Any], Any], Any]
+
+class DecoderStackForward(ABC):
+    """A built stack. Every stack runs decode-only steps (each request computes one token);
+    `runs_prefills` says whether it also runs steps with prompts or chunks of them."""
+
+    runs_prefills: bool = False
+
+    @abstractmethod
+    def __call__(self, hidden: Any, positions: Any, kv_caches: list[Any], metadata: Any) -> Any:
+        """hidden (num_tokens, hidden_size), the embedded tokens; positions (num_tokens,); the
+        step's `AttentionMetadata`. Returns the final norm's output (num_tokens, hidden_size)."""
+
+
+@dataclass(frozen=True)
+class StackedForward:
+    """A model's forward through a stack: embed the tokens, then run the stack. What
+    `ModelArchitecture.decoder_stack_forward` returns; the model runner calls it for the steps it
+    `takes`, and the model's own forward for the rest."""
+
+    embed: Callable[[Any], Any]  # input_ids (num_tokens,) -> (num_tokens, hidden_size)
+    stack: DecoderStackForward
+
+    def takes(self, metadata: Any) -> bool:
+        return bool(metadata.is_decode_only) or self.stack.runs_prefills
+
+    def __call__(self, input_ids: Any, positions: Any, kv_caches: list[Any], metadata: Any) -> Any:
+        return self.stack(self.embed(input_ids), positions, kv_caches, metadata)
 
 
 @dataclass(frozen=True)
@@ -51,8 +75,9 @@ class DecoderStackSpec:
 class DecoderStackKernel(ABC):
     """Offered by `Platform.decoder_stack_kernel()`. Under torch.compile a one-token step is
     hundreds of small ops, and at small batches their per-op cost outweighs the arithmetic; a
-    kernel that runs the stack in one call removes it. Models use it for steps in which every
-    request decodes one token (`ModelArchitecture.decode_only_forward`)."""
+    kernel that runs the stack in one call removes it. Models use it through
+    `ModelArchitecture.decoder_stack_forward`. A stack that runs steps with prompts too spares the
+    model its compiled graph, and the start-up its compile time."""
 
     @abstractmethod
     def build(self, spec: DecoderStackSpec) -> DecoderStackForward | None:

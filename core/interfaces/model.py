@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
-from typing import Any, ClassVar
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from tessera.core.interfaces.decoder_stack import StackedForward
 
 
 class ModelArchitecture(ABC):
@@ -37,9 +40,9 @@ class ModelArchitecture(ABC):
     def kv_cache_spec(self) -> tuple[int, int, int]:
         """Called before the KV cache is allocated: (num_layers, num_kv_heads, head_dim)."""
 
-    def decode_only_forward(self) -> Callable[[Any, Any, list[Any], Any], Any] | None:
-        """Called once after loading: a faster `forward` for steps in which every request computes
-        one token (a platform's `DecoderStackKernel`, core/interfaces/decoder_stack.py), run
-        instead of `forward` (compiled or not) for those steps; None (the default) where there is
-        none. It must compute what `forward` computes."""
+    def decoder_stack_forward(self) -> StackedForward | None:
+        """Called once after loading: a faster `forward` through a platform's decoder stack
+        (core/interfaces/decoder_stack.py), run instead of `forward` (compiled or not) for the
+        steps it takes (every decode-only step, and steps with prompts where the stack runs them);
+        None (the default) where there is none. It must compute what `forward` computes."""
         return None

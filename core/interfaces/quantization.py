@@ -87,8 +87,9 @@ class GroupQuantKernel(ABC):
         """Called once per layer after loading: the weight in the kernel's own layout."""
 
     @abstractmethod
-    def linear(self, x: Any, packed: Any, bias: Any | None) -> Any:
-        """Called in every forward: y = x W^T (+ bias) for x (..., K); y (..., N) in x's dtype."""
+    def linear(self, x: Any, packed: Any, bias: Any | None, out_dtype: Any | None = None) -> Any:
+        """Called in every forward: y = x W^T (+ bias) for x (..., K); y (..., N) in x's dtype,
+        or in `out_dtype` where given (float32 for logits)."""
 
     @abstractmethod
     def embedding(self, ids: Any, packed: Any) -> Any:

@@ -44,22 +44,23 @@ class ModelRunner:
             for _ in range(num_layers if num_swap_blocks else 0)
         ]
         self.requests: dict[str, RequestState] = {}
-        # steps in which every request decodes one token: the platform's decoder stack, if the
-        # model has one (core/interfaces/decoder_stack.py), else the forward below
-        decoder_stack = self.model.decode_only_forward()
-        if decoder_stack is not None:
-            logger.info("decode-only steps run through the platform's decoder stack kernel")
-        # the forward pass: the model itself, or its torch.compile'd form (see compilation.py)
+        # the platform's decoder stack, if the model has one (core/interfaces/decoder_stack.py):
+        # it runs every decode-only step, and every step where it runs prompts too
+        self.decoder_stack = self.model.decoder_stack_forward()
+        if self.decoder_stack is not None:
+            steps = "every step" if self.decoder_stack.stack.runs_prefills else "decode-only steps"
+            logger.info("%s run through the platform's decoder stack kernel", steps)
+        # the forward pass for the other steps: the model itself, or its torch.compile'd form
+        # (see compilation.py), which is not needed when the stack runs every step
         self.forward: Any = self.model
         self.compile_seconds: float | None = None
-        if compile_model:
+        if compile_model and not (self.decoder_stack is not None and self.decoder_stack.stack.runs_prefills):
             compiled = CompiledForward(self.model)
             # a one-token step is always decode-only, so with a stack that graph would never run
             self.compile_seconds = compiled.warm_up(
-                self.kv_caches, block_size, self.device, single_token=decoder_stack is None
+                self.kv_caches, block_size, self.device, single_token=self.decoder_stack is None
             )
             self.forward = compiled
-        self.decode_only_forward: Any = decoder_stack or self.forward
 
     # -- state -------------------------------------------------------------------------------
     def _update_states(self, out: SchedulerOutput) -> None:
@@ -174,7 +175,8 @@ class ModelRunner:
         if out.is_empty:
             return ModelRunnerOutput(sampled_token_ids={})
         input_ids, positions, metadata, states, sample_indices = self._prepare_inputs(out)
-        forward = self.decode_only_forward if metadata.is_decode_only else self.forward
+        stack = self.decoder_stack
+        forward = stack if stack is not None and stack.takes(metadata) else self.forward
         hidden = forward(input_ids, positions, self.kv_caches, metadata)  # (num_tokens, hidden)
         prompt_logprobs = self._prompt_logprobs(out, hidden) if _wants_prompt_logprobs(out, self.requests) else {}
         if not states:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -11,7 +11,11 @@ from torch import nn
 
 from tessera.core.errors import ConfigError
 from tessera.core.interfaces.attention import AttentionMetadata
-from tessera.core.interfaces.decoder_stack import DecoderLayerWeights, DecoderStackSpec
+from tessera.core.interfaces.decoder_stack import (
+    DecoderLayerWeights,
+    DecoderStackSpec,
+    StackedForward,
+)
 from tessera.core.interfaces.model import ModelArchitecture
 from tessera.core.layers import LayerContext
 from tessera.core.layers.activation import GatedActivation
@@ -169,21 +173,14 @@ class LlamaForCausalLM(nn.Module, ModelArchitecture):
         attn = self.model.layers[0].self_attn.attn
         return len(self.model.layers), attn.num_kv_heads, attn.head_dim
 
-    def decode_only_forward(self) -> Callable[[Any, Any, list[Any], Any], Any] | None:
+    def decoder_stack_forward(self) -> StackedForward | None:
         """The platform's decoder stack over these layers, where it has one and takes every
         projection's weight (on the CPU: GGUF 4-bit groups or oneDNN-packed bf16); the embedding
         stays here."""
         kernel = self.context.platform.decoder_stack_kernel() if self.context.platform is not None else None
         spec = self._decoder_stack_spec() if kernel is not None and self.context.tp_size == 1 else None
         stack = kernel.build(spec) if spec is not None else None
-        if stack is None:
-            return None
-        embed_tokens = self.model.embed_tokens
-
-        def forward(input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[Any], metadata: Any) -> torch.Tensor:
-            return stack(embed_tokens(input_ids), positions, kv_caches, metadata)
-
-        return forward
+        return StackedForward(self.model.embed_tokens, stack) if stack is not None else None
 
     def _decoder_stack_spec(self) -> DecoderStackSpec | None:
         layers = []

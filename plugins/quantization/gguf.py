@@ -149,7 +149,8 @@ class GgufEmbeddingMethod(EmbeddingMethod):
         return layer.group_kernel.embedding(ids, layer.group_blocks)
 
     def apply(self, layer: Any, hidden_states: Any) -> Any:
-        return layer.group_kernel.linear(hidden_states, layer.group_blocks, None)
+        # float32 logits: bf16 ones are steps of 0.125 at 16-32, which can tie the top two tokens
+        return layer.group_kernel.linear(hidden_states, layer.group_blocks, None, torch.float32)
 
 
 class GgufQuantization(QuantizationMethod):

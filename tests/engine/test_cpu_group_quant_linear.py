@@ -81,6 +81,19 @@ def test_rounding_the_inputs_of_8_bit_codes_costs_under_one_percent():
     assert (y - expected).norm() / expected.norm() < 0.01
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_float32_outputs_are_the_sums_before_bf16_rounding(bits):
+    # what the LM head asks for: logits that bf16 would round to steps of 0.125 at 16-32
+    q, scales_zeros, weight = random_groups(960, 576, seed=4, bits=bits)
+    blocks, x = cpu_quant.repack(q, scales_zeros), random_inputs(9, 576, seed=4)
+    y = cpu_quant.group_quant_linear(x, blocks, out_dtype=torch.float32)
+    assert y.dtype == torch.float32
+    expected = expected_output(x, weight, bits)
+    # float32 sums in another order than float64: far inside bf16's rounding (2^-9 relative)
+    assert (y.double() - expected).abs().max().item() < 2**-14 * expected.abs().max().item()
+    assert torch.equal(y.to(torch.bfloat16), cpu_quant.group_quant_linear(x, blocks))
+
+
 def test_adds_the_bias_and_keeps_leading_dimensions():
     for bits in (4, 8):
         q, scales_zeros, weight = random_groups(32, 64, seed=1, bits=bits)

@@ -1,4 +1,4 @@
-"""The CPU decoder stack (one C++ call for a decode-only step) against the model's own forward."""
+"""The CPU decoder stack (one C++ call for a step's layers) against the model's own forward."""
 
 from __future__ import annotations
 
@@ -58,10 +58,12 @@ def bf16_model(config, quantized: bool = True, dtype: torch.dtype = torch.bfloat
     return model
 
 
-def metadata(query_lens: list[int], seq_lens: list[int]) -> AttentionMetadata:
-    """Request i owns cache blocks [i * 4, i * 4 + 4); its tokens are the last query_lens[i] of seq_lens[i]."""
+def metadata(query_lens: list[int], seq_lens: list[int], requests: list[int] | None = None) -> AttentionMetadata:
+    """Request i (the i-th, or requests[i]) owns cache blocks [i * 4, i * 4 + 4); its tokens are
+    the last query_lens[i] of seq_lens[i]."""
     slots, tables = [], []
-    for index, (query_len, seq_len) in enumerate(zip(query_lens, seq_lens, strict=True)):
+    requests = requests if requests is not None else list(range(len(query_lens)))
+    for index, query_len, seq_len in zip(requests, query_lens, seq_lens, strict=True):
         first_block = index * BLOCKS_PER_REQUEST
         tables.append(list(range(first_block, first_block + BLOCKS_PER_REQUEST)))
         slots += [first_block * BLOCK_SIZE + position for position in range(seq_len - query_len, seq_len)]
@@ -92,8 +94,8 @@ def test_decoder_stack_matches_the_model_forward(quantized: bool, overrides: dic
     model = bf16_model(config, quantized)
     if not quantized:  # the stack multiplies the packed weights themselves
         assert all(layer.mlp.down_proj.weight.is_mkldnn for layer in model.model.layers)
-    decode = model.decode_only_forward()
-    assert decode is not None
+    decode = model.decoder_stack_forward()
+    assert decode is not None and not decode.stack.runs_prefills  # head size 16: no C++ prefill attention
     if config.attention_bias:  # the random checkpoint's biases are zeros: make them count
         for layer in model.model.layers:
             layer.self_attn.qkv_proj.bias.uniform_(-0.5, 0.5)
@@ -114,22 +116,58 @@ def test_decoder_stack_matches_the_model_forward(quantized: bool, overrides: dic
         positions = torch.tensor([n - 1 for n in seq_lens])
         expected = model(ids, positions, kv_caches, step_metadata)  # stores this step's keys and values too
         actual = decode(ids, positions, kv_caches, step_metadata)  # stores them again, then attends
-        assert actual.shape == expected.shape and actual.dtype == torch.bfloat16
-        # bf16 rounding differs (the stack rounds once per fused loop, eager ops once per op): ~1%
-        # of the largest value here; a position off by one, for instance, is ~35%
-        scale = expected.float().abs().max().item()
-        assert (actual.float() - expected.float()).abs().max().item() < 0.04 * scale
+        # bf16 rounding differs (the stack rounds once per fused loop, eager ops once per op)
+        assert_close_to(actual, expected)
         logits, expected_logits = model.compute_logits(actual), model.compute_logits(expected)
         assert (logits - expected_logits).abs().max().item() < 0.04 * expected_logits.abs().max().item()
 
 
+def assert_close_to(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Within bf16 rounding of the model's forward: ~1% of the largest value (a position off by
+    one, for instance, is ~35%)."""
+    assert actual.shape == expected.shape and actual.dtype == torch.bfloat16
+    scale = expected.float().abs().max().item()
+    assert (actual.float() - expected.float()).abs().max().item() < 0.04 * scale
+
+
+@pytest.mark.parametrize("quantized", [True, False], ids=["4bit_groups", "bf16_onednn"])
+@torch.inference_mode()
+def test_steps_with_prompts_run_through_the_stack_where_prefill_attention_is_built(quantized: bool) -> None:
+    # head size 64 has the C++ prefill attention, so the stack takes every step
+    config = tiny_config(head_dim=64)
+    model = bf16_model(config, quantized)
+    forward = model.decoder_stack_forward()
+    assert forward is not None and forward.stack.runs_prefills
+    num_layers, num_kv_heads, head_dim = model.kv_cache_spec()
+    kv_caches = [
+        CpuAttentionBackend().allocate_kv_cache(4 * BLOCKS_PER_REQUEST, BLOCK_SIZE, num_kv_heads, head_dim, torch.bfloat16, "cpu")
+        for _ in range(num_layers)
+    ]
+    generator = torch.Generator().manual_seed(0)
+
+    def both(query_lens: list[int], seq_lens: list[int], requests: list[int]) -> None:
+        """One step through the model's forward, then the same through the stack (which stores
+        the step's keys and values again); their outputs agree."""
+        ids = torch.randint(3, config.vocab_size, (sum(query_lens),), generator=generator)
+        positions = torch.cat([torch.arange(s - q, s) for q, s in zip(query_lens, seq_lens, strict=True)])
+        expected = model(ids, positions, kv_caches, metadata(query_lens, seq_lens, requests))
+        step = metadata(query_lens, seq_lens, requests)
+        assert forward.takes(step)
+        assert_close_to(forward(ids, positions, kv_caches, step), expected)
+
+    both([33, 9], [33, 9], requests=[1, 3])  # prompts only
+    # a fresh 21-token prompt, a 17-token chunk after 33 cached tokens, a one-token prompt and a decode
+    both([21, 17, 1, 1], [21, 50, 1, 10], requests=[0, 1, 2, 3])
+    both([1, 1, 1, 1], [22, 51, 2, 11], requests=[0, 1, 2, 3])  # then decode-only
+
+
 def test_a_float32_model_has_no_decoder_stack() -> None:
-    assert bf16_model(tiny_config(), quantized=False, dtype=torch.float32).decode_only_forward() is None
+    assert bf16_model(tiny_config(), quantized=False, dtype=torch.float32).decoder_stack_forward() is None
 
 
 def test_the_stack_checks_its_inputs() -> None:
     model = bf16_model(tiny_config())
-    decode = model.decode_only_forward()
+    decode = model.decoder_stack_forward()
     kv_caches = [torch.empty(2, 4, BLOCK_SIZE, 2, 16, dtype=torch.bfloat16) for _ in range(2)]
     step = metadata([1], [3])
     beyond_rotary_table = torch.tensor([model.model.layers[0].self_attn.rotary_emb.max_position])
@@ -137,6 +175,8 @@ def test_the_stack_checks_its_inputs() -> None:
         decode(torch.tensor([5]), beyond_rotary_table, kv_caches, step)
     with pytest.raises(RuntimeError, match="one KV cache per layer"):
         decode(torch.tensor([5]), torch.tensor([2]), kv_caches[:1], step)
+    with pytest.raises(ValueError, match="runs decode-only steps"):  # head size 16 has no prefill kernel
+        decode(torch.tensor([5, 6, 7]), torch.arange(3), kv_caches, metadata([3], [3]))
 
 
 def test_with_a_stack_the_one_token_graph_is_not_compiled(monkeypatch) -> None:
@@ -150,3 +190,20 @@ def test_with_a_stack_the_one_token_graph_is_not_compiled(monkeypatch) -> None:
     for single_token in (True, False):
         CompiledForward(model).warm_up(kv_caches, BLOCK_SIZE, torch.device("cpu"), single_token=single_token)
     assert compiled_sizes == [list(WARM_UP_SIZES), [s for s in WARM_UP_SIZES if s > 1]]
+
+
+def test_a_stack_that_runs_prompts_spares_the_model_its_compile(tmp_path, monkeypatch) -> None:
+    # with every step in the stack the compiled graph would never run, so none is made
+    from fixtures_models import save_model
+
+    from tessera import LLM, SamplingParams
+    from tessera.core.worker.compilation import CompiledForward
+
+    monkeypatch.setenv("TESSERA_ENFORCE_EAGER", "0")
+    monkeypatch.setattr(CompiledForward, "warm_up", lambda *args, **kwargs: pytest.fail("compiled"))
+    llm = LLM(save_model(tmp_path / "tiny", head_dim=64), dtype="bfloat16", seed=0)
+    runner = llm.engine.runner
+    assert runner.decoder_stack is not None and runner.decoder_stack.stack.runs_prefills
+    assert runner.compile_seconds is None and runner.forward is runner.model
+    outputs = llm.generate([[5, 6, 7], [3, 9, 2, 7, 11]], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [4, 4]

@@ -129,8 +129,9 @@ def test_default_model_greedy_tokens_match_the_dequantized_path() -> None:
     texts = {}
     for quantization in ("none", None):  # None: the GGUF default, `gguf`
         llm = LLM(quantization=quantization)
-        runner = llm.engine.runner  # decode steps of both run through the CPU decoder stack
-        assert (runner.decode_only_forward is not runner.forward) == cpu_quant.kernel_available()
+        runner = llm.engine.runner  # every step of both runs through the CPU decoder stack
+        stack = runner.decoder_stack
+        assert (stack is not None and stack.stack.runs_prefills) == cpu_quant.kernel_available()
         outputs = llm.generate(prompts * 16, params)  # 32 rows (the bf16 path without tessera's kernel)
         single = llm.generate(prompts[:1], params)  # one row
         texts[quantization] = [o.outputs[0].token_ids for o in outputs] + [single[0].outputs[0].token_ids]

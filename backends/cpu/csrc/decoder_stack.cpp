@@ -1,16 +1,20 @@
-// A whole stack of Llama-layout decoder layers for one decode-only step, in one call.
+// A whole stack of Llama-layout decoder layers for one step, in one call.
 //
 // Each layer: h = RMSNorm(x); q, k, v = split(h W_qkv^T); rotate q, k by position ("rotate half");
 // attend over the paged cache (storing k, v first); x += o W_o^T; h = RMSNorm(x);
 // x += (silu(h W_gate^T) * (h W_up^T)) W_down^T. The matmuls are tessera::group_quant_linear (GGUF
 // 4-bit groups) or oneDNN's with a pre-packed bf16 weight (what tessera::packed_linear calls),
-// attention is paged_decode_step; the rest is a few small loops here.
+// attention is paged_decode_step in a decode-only step, else write_kv_cache, then
+// paged_decode_attention for the rows that decode and paged_prefill_attention for the prompts
+// (csrc/paged_attention.cpp); the rest is a few small loops here.
 //
 // Why: under torch.compile a one-token step of SmolLM2-135M runs ~450 ops (120 matmuls, 30
 // attention calls, ~150 generated loops and their allocations), each entered from Python or the
 // dispatcher, and each a fork/join of the OpenMP team. At one request the arithmetic is ~2.5 ms of
 // a ~5.5 ms forward; the rest was that per-op overhead, with the second core waiting
-// (docs/benchmarks.md). Here the only parallel regions are the matmuls and attention.
+// (docs/benchmarks.md). Here the only parallel regions are the matmuls and attention. Steps with
+// prompts gain less (their matmuls dominate: ~3 ms of a 128-token prompt's ~90), but with every
+// step here the model needs no compiled graph at all, which saves its compile time at start-up.
 //
 // Rounding follows the model's ops: the residual stream and every op's output are bf16; norms,
 // rotation and the activation compute in fp32 and round once (as inductor's fused loops do).
@@ -23,10 +27,20 @@
 #include <vector>
 
 torch::Tensor group_quant_linear(const torch::Tensor& input, const torch::Tensor& packed,
-                                 const torch::Tensor& scales_mins, const c10::optional<torch::Tensor>& bias);
+                                 const torch::Tensor& scales_mins, const c10::optional<torch::Tensor>& bias,
+                                 c10::optional<at::ScalarType> out_dtype);
 at::Tensor paged_decode_step(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                              at::Tensor kv_cache, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                              const at::Tensor& seq_lens, double scale);
+void write_kv_cache(at::Tensor kv_cache, const at::Tensor& key, const at::Tensor& value,
+                    const at::Tensor& slot_mapping);
+void paged_decode_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& key_cache,
+                            const at::Tensor& value_cache, const at::Tensor& block_tables,
+                            const at::Tensor& seq_lens, double scale);
+void paged_prefill_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& key_cache,
+                             const at::Tensor& value_cache, const at::Tensor& block_tables,
+                             const at::Tensor& query_starts, const at::Tensor& query_lens, const at::Tensor& seq_lens,
+                             double scale);
 
 namespace {
 
@@ -47,7 +61,7 @@ struct Linear {
   int64_t out_features() const { return is_group_quant() ? packed.size(0) * 16 : packed.size(0); }
   int64_t in_features() const { return is_group_quant() ? packed.size(1) * 32 : packed.size(1); }
   at::Tensor operator()(const at::Tensor& x) const {
-    if (is_group_quant()) return group_quant_linear(x, packed, *scales_mins, bias);
+    if (is_group_quant()) return group_quant_linear(x, packed, *scales_mins, bias, c10::nullopt);
     static const auto onednn_linear =
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
@@ -137,6 +151,18 @@ void check_bf16_vector(const at::Tensor& t, int64_t size, const char* what) {
 
 }  // namespace
 
+// Where a step's rows go in attention (made by the CPU attention backend's step_plan,
+// backends/cpu/attention.py). Without prefills every row decodes one token.
+struct StepLayout {
+  at::Tensor slot_mapping;                    // (rows,) int64: each row's cache slot
+  c10::optional<at::Tensor> decode_rows;      // the rows that decode; none: all of them
+  at::Tensor decode_tables, decode_seq_lens;  // int32, one row per decoding request
+  // the prompts (or chunks of one): first row, rows, sequence length and block table of each
+  c10::optional<at::Tensor> prefill_starts, prefill_query_lens, prefill_seq_lens, prefill_tables;
+
+  bool has_prefills() const { return prefill_tables.has_value(); }
+};
+
 class DecoderStack {
  public:
   // norms: input and post-attention norm weights, 2 per layer; packed, scales_mins, biases: the
@@ -183,15 +209,17 @@ class DecoderStack {
   }
 
   // hidden: (rows, hidden) bf16, the embedded tokens; positions: (rows,) int64; kv_caches: one
-  // per layer; slot_mapping, block_tables, seq_lens: the step's (decode-only) attention layout.
-  // Returns the final norm's output, (rows, hidden) bf16.
+  // per layer. Returns the final norm's output, (rows, hidden) bf16.
   at::Tensor run(const at::Tensor& hidden, const at::Tensor& positions, const std::vector<at::Tensor>& kv_caches,
-                 const at::Tensor& slot_mapping, const at::Tensor& block_tables, const at::Tensor& seq_lens) const {
+                 const StepLayout& layout) const {
     TORCH_CHECK(hidden.scalar_type() == at::kBFloat16 && hidden.dim() == 2 && hidden.size(1) == hidden_,
                 "decoder stack: hidden must be (rows, ", hidden_, ") bf16");
     TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 && positions.size(0) == hidden.size(0),
                 "decoder stack: one int64 position per row");
     TORCH_CHECK(kv_caches.size() == layers_.size(), "decoder stack: one KV cache per layer");
+    TORCH_CHECK(!layout.has_prefills() || (layout.decode_rows.has_value() && layout.prefill_starts.has_value() &&
+                                           layout.prefill_query_lens.has_value() && layout.prefill_seq_lens.has_value()),
+                "decoder stack: a step with prefills needs its decode rows and every prefill tensor");
     const int64_t rows = hidden.size(0);
     const at::Tensor pos = positions.contiguous();
     at::Tensor residual = hidden.clone(at::MemoryFormat::Contiguous);
@@ -208,8 +236,7 @@ class DecoderStack {
       split_rotate(qkv.data_ptr<bf16>(), pos.data_ptr<int64_t>(), cos_.data_ptr<bf16>(), sin_.data_ptr<bf16>(),
                    cos_.size(0), cos_.size(1), num_heads_, num_kv_heads_, head_dim_, q.data_ptr<bf16>(),
                    k.data_ptr<bf16>(), v.data_ptr<bf16>(), rows);
-      const at::Tensor attended =
-          paged_decode_step(q, k, v, kv_caches[i], slot_mapping, block_tables, seq_lens, scale_);
+      const at::Tensor attended = attend(q, k, v, kv_caches[i], layout);
       const at::Tensor attn_out = layer.o(attended.view({rows, num_heads_ * head_dim_}));
       add_rms_norm(residual.data_ptr<bf16>(), attn_out.data_ptr<bf16>(), layer.post_attention_norm.data_ptr<bf16>(),
                    normed.data_ptr<bf16>(), rows, hidden_, eps_);
@@ -225,6 +252,27 @@ class DecoderStack {
   }
 
  private:
+  // q: (rows, num_heads, head_dim); k, v: (rows, num_kv_heads, head_dim), this step's.
+  at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kv_cache,
+                    const StepLayout& layout) const {
+    if (!layout.has_prefills())
+      return paged_decode_step(q, k, v, kv_cache, layout.slot_mapping, layout.decode_tables, layout.decode_seq_lens,
+                               scale_);
+    write_kv_cache(kv_cache, k, v, layout.slot_mapping);
+    const at::Tensor keys = kv_cache.select(0, 0), values = kv_cache.select(0, 1);
+    at::Tensor out = at::empty_like(q);
+    const at::Tensor& rows = *layout.decode_rows;
+    if (rows.numel() > 0) {
+      const at::Tensor decode_q = q.index_select(0, rows);
+      at::Tensor decode_out = at::empty_like(decode_q);
+      paged_decode_attention(decode_out, decode_q, keys, values, layout.decode_tables, layout.decode_seq_lens, scale_);
+      out.index_copy_(0, rows, decode_out);
+    }
+    paged_prefill_attention(out, q, keys, values, *layout.prefill_tables, *layout.prefill_starts,
+                            *layout.prefill_query_lens, *layout.prefill_seq_lens, scale_);
+    return out;
+  }
+
   std::vector<Layer> layers_;
   at::Tensor final_norm_, cos_, sin_;
   int64_t hidden_ = 0, num_heads_, num_kv_heads_, head_dim_;
@@ -233,9 +281,15 @@ class DecoderStack {
 };
 
 void bind_decoder_stack(pybind11::module& m) {
+  pybind11::class_<StepLayout>(m, "StepLayout", "where a step's rows go in attention (csrc/decoder_stack.cpp)")
+      .def(pybind11::init<at::Tensor, c10::optional<at::Tensor>, at::Tensor, at::Tensor, c10::optional<at::Tensor>,
+                          c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>>(),
+           pybind11::arg("slot_mapping"), pybind11::arg("decode_rows"), pybind11::arg("decode_tables"),
+           pybind11::arg("decode_seq_lens"), pybind11::arg("prefill_starts"), pybind11::arg("prefill_query_lens"),
+           pybind11::arg("prefill_seq_lens"), pybind11::arg("prefill_tables"));
   pybind11::class_<DecoderStack>(m, "DecoderStack",
                                  "A stack of Llama-layout decoder layers on 4-bit group or oneDNN-packed bf16 weights, run "
-                                 "for a decode-only step in one call (csrc/decoder_stack.cpp)")
+                                 "for one step in one call (csrc/decoder_stack.cpp)")
       .def(pybind11::init<const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
                           const std::vector<c10::optional<at::Tensor>>&,
                           const std::vector<c10::optional<at::Tensor>>&, at::Tensor,

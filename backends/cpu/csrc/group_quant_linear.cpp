@@ -91,11 +91,19 @@ QuantizedRows quantize_rows(const at::BFloat16* x, int64_t rows, int64_t in_feat
   return out;
 }
 
+// One row of a block's 16 outputs, in the output's dtype: bf16 for the layers (the model's
+// activations), float32 for logits, which bf16 would round to steps of 0.125 at 16-32: enough to
+// tie a greedy choice that the float sums had decided.
+inline void store_block_row(at::BFloat16* y, __m512 values) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), (__m256i)_mm512_cvtneps_pbh(values));
+}
+inline void store_block_row(float* y, __m512 values) { _mm512_storeu_ps(y, values); }
+
 // 8-bit codes, 8-bit activations: one block of 16 columns for R rows.
-template <int R>
+template <int R, typename Out>
 inline void int8_block_rows(const int32_t* x_quads, int64_t quads_per_row, const float* x_scale, const float* x_sum,
                        int64_t groups, const uint8_t* weights, const at::Half* scales_mins, const float* bias,
-                       at::BFloat16* y, int64_t ldy) {
+                       Out* y, int64_t ldy) {
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
@@ -118,17 +126,14 @@ inline void int8_block_rows(const int32_t* x_quads, int64_t quads_per_row, const
     }
   }
   const __m512 b = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
-  for (int r = 0; r < R; ++r) {
-    const __m256bh out = _mm512_cvtneps_pbh(_mm512_add_ps(acc[r], b));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * ldy), (__m256i)out);
-  }
+  for (int r = 0; r < R; ++r) store_block_row(y + r * ldy, _mm512_add_ps(acc[r], b));
 }
 
 // 4-bit codes, bf16 activations: one block of 16 columns for R rows, y[r, cols] = sum over groups.
-template <int R>
+template <int R, typename Out>
 inline void bf16_block_rows(const uint32_t* x_pairs, int64_t pairs_per_row, const float* x_group_sums,
                        int64_t groups, const uint8_t* weights, const at::Half* scales_mins,
-                       const float* bias, at::BFloat16* y, int64_t ldy) {
+                       const float* bias, Out* y, int64_t ldy) {
   const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
   const __m512i bf16_128 = _mm512_set1_epi8(0x43);
   const __m512 shift = _mm512_set1_ps(128.0f);
@@ -164,27 +169,31 @@ inline void bf16_block_rows(const uint32_t* x_pairs, int64_t pairs_per_row, cons
     }
   }
   const __m512 b = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
-  for (int r = 0; r < R; ++r) {
-    const __m256bh out = _mm512_cvtneps_pbh(_mm512_add_ps(acc[r], b));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + r * ldy), (__m256i)out);
-  }
+  for (int r = 0; r < R; ++r) store_block_row(y + r * ldy, _mm512_add_ps(acc[r], b));
 }
 
+template <typename Out>
 using Bf16BlockFn = void (*)(const uint32_t*, int64_t, const float*, int64_t, const uint8_t*, const at::Half*,
-                            const float*, at::BFloat16*, int64_t);
-constexpr Bf16BlockFn kBf16BlockFns[kMaxRows + 1] = {
-    nullptr,            bf16_block_rows<1>, bf16_block_rows<2>, bf16_block_rows<3>, bf16_block_rows<4>,
-    bf16_block_rows<5>, bf16_block_rows<6>, bf16_block_rows<7>, bf16_block_rows<8>};
+                            const float*, Out*, int64_t);
+template <typename Out>
+constexpr Bf16BlockFn<Out> kBf16BlockFns[kMaxRows + 1] = {
+    nullptr,                 bf16_block_rows<1, Out>, bf16_block_rows<2, Out>, bf16_block_rows<3, Out>,
+    bf16_block_rows<4, Out>, bf16_block_rows<5, Out>, bf16_block_rows<6, Out>, bf16_block_rows<7, Out>,
+    bf16_block_rows<8, Out>};
 
+template <typename Out>
 using Int8BlockFn = void (*)(const int32_t*, int64_t, const float*, const float*, int64_t, const uint8_t*,
-                             const at::Half*, const float*, at::BFloat16*, int64_t);
-constexpr Int8BlockFn kInt8BlockFns[kMaxRows + 1] = {
-    nullptr,            int8_block_rows<1>, int8_block_rows<2>, int8_block_rows<3>, int8_block_rows<4>,
-    int8_block_rows<5>, int8_block_rows<6>, int8_block_rows<7>, int8_block_rows<8>};
+                             const at::Half*, const float*, Out*, int64_t);
+template <typename Out>
+constexpr Int8BlockFn<Out> kInt8BlockFns[kMaxRows + 1] = {
+    nullptr,                 int8_block_rows<1, Out>, int8_block_rows<2, Out>, int8_block_rows<3, Out>,
+    int8_block_rows<4, Out>, int8_block_rows<5, Out>, int8_block_rows<6, Out>, int8_block_rows<7, Out>,
+    int8_block_rows<8, Out>};
 
 // y = x W^T for 4-bit codes, bf16 activations.
+template <typename Out>
 void bf16_linear(const at::BFloat16* xd, int64_t rows, int64_t in_features, int64_t blocks, const uint8_t* wd,
-                 const at::Half* dm, const float* bias, at::BFloat16* yd, int64_t out_features) {
+                 const at::Half* dm, const float* bias, Out* yd, int64_t out_features) {
   const int64_t groups = in_features / kGroup;
   std::vector<float> group_sums(rows * groups);  // per row and group, the sum of the (bf16) inputs
   for (int64_t m = 0; m < rows; ++m) {
@@ -202,7 +211,7 @@ void bf16_linear(const at::BFloat16* xd, int64_t rows, int64_t in_features, int6
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t m = 0; m < rows; m += kMaxRows) {
         const int64_t count = std::min<int64_t>(kMaxRows, rows - m);
-        kBf16BlockFns[count](x_pairs + m * pairs_per_row, pairs_per_row, group_sums.data() + m * groups, groups,
+        kBf16BlockFns<Out>[count](x_pairs + m * pairs_per_row, pairs_per_row, group_sums.data() + m * groups, groups,
                              wd + b * groups * k4BitGroupBytes, dm + b * groups * 2 * kBlock,
                              bias ? bias + b * kBlock : nullptr, yd + m * out_features + b * kBlock, out_features);
       }
@@ -211,8 +220,9 @@ void bf16_linear(const at::BFloat16* xd, int64_t rows, int64_t in_features, int6
 }
 
 // y = x W^T for 8-bit codes, 8-bit activations.
+template <typename Out>
 void int8_linear(const at::BFloat16* xd, int64_t rows, int64_t in_features, int64_t blocks, const uint8_t* wd,
-                 const at::Half* dm, const float* bias, at::BFloat16* yd, int64_t out_features) {
+                 const at::Half* dm, const float* bias, Out* yd, int64_t out_features) {
   const int64_t groups = in_features / kGroup;
   const QuantizedRows xq = quantize_rows(xd, rows, in_features);
   const auto* x_quads = reinterpret_cast<const int32_t*>(xq.q.data());
@@ -221,7 +231,7 @@ void int8_linear(const at::BFloat16* xd, int64_t rows, int64_t in_features, int6
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t m = 0; m < rows; m += kMaxRows) {
         const int64_t count = std::min<int64_t>(kMaxRows, rows - m);
-        kInt8BlockFns[count](x_quads + m * quads_per_row, quads_per_row, xq.scale.data() + m * groups,
+        kInt8BlockFns<Out>[count](x_quads + m * quads_per_row, quads_per_row, xq.scale.data() + m * groups,
                              xq.scaled_sum.data() + m * groups, groups, wd + b * groups * k8BitGroupBytes,
                              dm + b * groups * 2 * kBlock, bias ? bias + b * kBlock : nullptr,
                              yd + m * out_features + b * kBlock, out_features);
@@ -232,11 +242,19 @@ void int8_linear(const at::BFloat16* xd, int64_t rows, int64_t in_features, int6
 
 }  // namespace
 
+template <typename Out>
+void run_linear(int bits, const at::BFloat16* xd, int64_t rows, int64_t in_features, int64_t blocks,
+                const uint8_t* wd, const at::Half* dm, const float* bias, Out* yd, int64_t out_features) {
+  const auto linear = bits == 4 ? bf16_linear<Out> : int8_linear<Out>;
+  linear(xd, rows, in_features, blocks, wd, dm, bias, yd, out_features);
+}
+
 // x: (..., K) bf16; packed: (N/16, K/32, 256) uint8 for 4-bit codes, (N/16, K/32, 512) for 8-bit;
 // scales_mins: (N/16, K/32, 32) fp16, per block and group the 16 columns' d, then their m; bias:
-// (N,) or none. Returns (..., N) bf16.
+// (N,) or none. Returns (..., N) in out_dtype: bf16 (the default) or float32.
 torch::Tensor group_quant_linear(const torch::Tensor& input, const torch::Tensor& packed,
-                                 const torch::Tensor& scales_mins, const c10::optional<torch::Tensor>& bias) {
+                                 const torch::Tensor& scales_mins, const c10::optional<torch::Tensor>& bias,
+                                 c10::optional<at::ScalarType> out_dtype) {
   TORCH_CHECK(input.dim() >= 1 && input.scalar_type() == at::kBFloat16 && input.device().is_cpu(),
               "group_quant_linear: x must be a bf16 CPU tensor");
   TORCH_CHECK(packed.dim() == 3 && (packed.size(2) == 256 || packed.size(2) == 512) &&
@@ -253,6 +271,8 @@ torch::Tensor group_quant_linear(const torch::Tensor& input, const torch::Tensor
                   scales_mins.numel() == blocks * groups * 2 * kBlock,
               "group_quant_linear: scales_mins must be a contiguous (N/16, K/32, 32) fp16 tensor");
   const int64_t out_features = blocks * kBlock;
+  const at::ScalarType y_dtype = out_dtype.value_or(at::kBFloat16);
+  TORCH_CHECK(y_dtype == at::kBFloat16 || y_dtype == at::kFloat, "group_quant_linear: out_dtype must be bf16 or float32");
   torch::Tensor bias_fp32;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == out_features, "group_quant_linear: bias must have ", out_features, " values");
@@ -261,19 +281,22 @@ torch::Tensor group_quant_linear(const torch::Tensor& input, const torch::Tensor
   const float* bias_data = bias_fp32.defined() ? bias_fp32.data_ptr<float>() : nullptr;
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
   out_shape.back() = out_features;
-  auto y = torch::empty(out_shape, x.options());
+  auto y = torch::empty(out_shape, x.options().dtype(y_dtype));
   if (rows == 0) return y;
 
-  const auto linear = bits == 4 ? bf16_linear : int8_linear;
-  linear(x.data_ptr<at::BFloat16>(), rows, in_features, blocks, packed.data_ptr<uint8_t>(),
-         scales_mins.data_ptr<at::Half>(), bias_data, y.data_ptr<at::BFloat16>(), out_features);
+  if (y_dtype == at::kFloat)
+    run_linear(bits, x.data_ptr<at::BFloat16>(), rows, in_features, blocks, packed.data_ptr<uint8_t>(),
+               scales_mins.data_ptr<at::Half>(), bias_data, y.data_ptr<float>(), out_features);
+  else
+    run_linear(bits, x.data_ptr<at::BFloat16>(), rows, in_features, blocks, packed.data_ptr<uint8_t>(),
+               scales_mins.data_ptr<at::Half>(), bias_data, y.data_ptr<at::BFloat16>(), out_features);
   return y;
 }
 
 #else
 
 torch::Tensor group_quant_linear(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
-                                 const c10::optional<torch::Tensor>&) {
+                                 const c10::optional<torch::Tensor>&, c10::optional<at::ScalarType>) {
   TORCH_CHECK(false, "group_quant_linear needs a CPU with AVX512-BF16 and AVX512-VNNI (and a build for it)");
 }
 
@@ -283,7 +306,7 @@ torch::Tensor group_quant_linear(const torch::Tensor&, const torch::Tensor&, con
 // wrapped in Python (which costs ~10 us a call, 1-2 ms a decode step). Its shape function (for
 // the compiler) is registered in backends/cpu/group_quant_linear.py.
 TORCH_LIBRARY_FRAGMENT(tessera, m) {
-  m.def("group_quant_linear(Tensor x, Tensor packed, Tensor scales_mins, Tensor? bias) -> Tensor");
+  m.def("group_quant_linear(Tensor x, Tensor packed, Tensor scales_mins, Tensor? bias, ScalarType? out_dtype=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tessera, CPU, m) { m.impl("group_quant_linear", &group_quant_linear); }
