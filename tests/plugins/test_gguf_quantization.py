@@ -176,6 +176,9 @@ def test_a_q8_0_embedding_keeps_one_8_bit_table_for_lookups_and_the_lm_head() ->
     expected = hidden.float() @ weight[:250].T
     assert logits.dtype == torch.float32 and logits.shape == (5, 250)
     assert (logits - expected).norm() / expected.norm() < 0.01  # 8-bit inputs (see the kernel)
+    # the head's float32 sums as they are: rounded to bf16, two close logits can tie
+    assert layer.quant_method.apply(layer, hidden).dtype == torch.float32
+    assert not torch.equal(logits, logits.to(torch.bfloat16).float())
 
 
 def test_an_embedding_whose_groups_never_arrived_keeps_its_plain_weight() -> None:
