@@ -29,6 +29,10 @@ class StackedForward:
     embed: Callable[[Any], Any]  # input_ids (num_tokens,) -> (num_tokens, hidden_size)
     stack: DecoderStackForward
 
+    @property
+    def runs_every_step(self) -> bool:
+        return self.stack.runs_prefills
+
     def takes(self, metadata: Any) -> bool:
         return bool(metadata.is_decode_only) or self.stack.runs_prefills
 

@@ -48,13 +48,13 @@ class ModelRunner:
         # it runs every decode-only step, and every step where it runs prompts too
         self.decoder_stack = self.model.decoder_stack_forward()
         if self.decoder_stack is not None:
-            steps = "every step" if self.decoder_stack.stack.runs_prefills else "decode-only steps"
+            steps = "every step" if self.decoder_stack.runs_every_step else "decode-only steps"
             logger.info("%s run through the platform's decoder stack kernel", steps)
         # the forward pass for the other steps: the model itself, or its torch.compile'd form
         # (see compilation.py), which is not needed when the stack runs every step
         self.forward: Any = self.model
         self.compile_seconds: float | None = None
-        if compile_model and not (self.decoder_stack is not None and self.decoder_stack.stack.runs_prefills):
+        if compile_model and not (self.decoder_stack is not None and self.decoder_stack.runs_every_step):
             compiled = CompiledForward(self.model)
             # a one-token step is always decode-only, so with a stack that graph would never run
             self.compile_seconds = compiled.warm_up(

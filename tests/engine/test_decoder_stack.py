@@ -95,7 +95,7 @@ def test_decoder_stack_matches_the_model_forward(quantized: bool, overrides: dic
     if not quantized:  # the stack multiplies the packed weights themselves
         assert all(layer.mlp.down_proj.weight.is_mkldnn for layer in model.model.layers)
     decode = model.decoder_stack_forward()
-    assert decode is not None and not decode.stack.runs_prefills  # head size 16: no C++ prefill attention
+    assert decode is not None and not decode.runs_every_step  # head size 16: no C++ prefill attention
     if config.attention_bias:  # the random checkpoint's biases are zeros: make them count
         for layer in model.model.layers:
             layer.self_attn.qkv_proj.bias.uniform_(-0.5, 0.5)
@@ -137,7 +137,7 @@ def test_steps_with_prompts_run_through_the_stack_where_prefill_attention_is_bui
     config = tiny_config(head_dim=64)
     model = bf16_model(config, quantized)
     forward = model.decoder_stack_forward()
-    assert forward is not None and forward.stack.runs_prefills
+    assert forward is not None and forward.runs_every_step
     num_layers, num_kv_heads, head_dim = model.kv_cache_spec()
     kv_caches = [
         CpuAttentionBackend().allocate_kv_cache(4 * BLOCKS_PER_REQUEST, BLOCK_SIZE, num_kv_heads, head_dim, torch.bfloat16, "cpu")
@@ -203,7 +203,7 @@ def test_a_stack_that_runs_prompts_spares_the_model_its_compile(tmp_path, monkey
     monkeypatch.setattr(CompiledForward, "warm_up", lambda *args, **kwargs: pytest.fail("compiled"))
     llm = LLM(save_model(tmp_path / "tiny", head_dim=64), dtype="bfloat16", seed=0)
     runner = llm.engine.runner
-    assert runner.decoder_stack is not None and runner.decoder_stack.stack.runs_prefills
+    assert runner.decoder_stack is not None and runner.decoder_stack.runs_every_step
     assert runner.compile_seconds is None and runner.forward is runner.model
     outputs = llm.generate([[5, 6, 7], [3, 9, 2, 7, 11]], SamplingParams(max_tokens=4, ignore_eos=True))
     assert [len(o.outputs[0].token_ids) for o in outputs] == [4, 4]

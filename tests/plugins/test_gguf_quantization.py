@@ -131,7 +131,7 @@ def test_default_model_greedy_tokens_match_the_dequantized_path() -> None:
         llm = LLM(quantization=quantization)
         runner = llm.engine.runner  # every step of both runs through the CPU decoder stack
         stack = runner.decoder_stack
-        assert (stack is not None and stack.stack.runs_prefills) == cpu_quant.kernel_available()
+        assert (stack is not None and stack.runs_every_step) == cpu_quant.kernel_available()
         outputs = llm.generate(prompts * 16, params)  # 32 rows (the bf16 path without tessera's kernel)
         single = llm.generate(prompts[:1], params)  # one row
         texts[quantization] = [o.outputs[0].token_ids for o in outputs] + [single[0].outputs[0].token_ids]
