@@ -134,6 +134,36 @@ def _gather_logprobs(
     return dict(zip(rows, entries))
 
 
+_ARGMAX_CHUNK = 128  # values per chunk in `row_argmax`
+
+
+def row_argmax(values: torch.Tensor) -> torch.Tensor:
+    """`values.argmax(dim=-1)` for (rows, n) float values, the first index of each row's maximum.
+
+    torch's CPU argmax walks a row one value at a time, keeping the index: ~1 ms for 32 rows of a
+    49k vocabulary, against ~0.04 ms for `amax`, which is vectorized. So the row is cut into
+    chunks of 128: `amax` gives each chunk's maximum, the first chunk holding the row's maximum is
+    found among those few, and the index within it among its 128 values (ties go to the first
+    chunk, then to the first value in it, as with argmax).
+    """
+    rows, n = values.shape
+    chunks = n // _ARGMAX_CHUNK
+    if chunks < 2:
+        return values.argmax(dim=-1)
+    whole = values[:, : chunks * _ARGMAX_CHUNK].unflatten(1, (chunks, _ARGMAX_CHUNK))
+    best = whole.amax(dim=-1)  # (rows, chunks)
+    if chunks * _ARGMAX_CHUNK < n:  # the values after the last whole chunk are one more candidate
+        best = torch.cat([best, values[:, chunks * _ARGMAX_CHUNK :].amax(dim=-1, keepdim=True)], dim=1)
+    chunk = best.argmax(dim=-1)  # (rows,): the first chunk with the row's maximum
+    start = chunk * _ARGMAX_CHUNK
+    # the chunk's values; a shorter tail wraps around to the row's first values, all below the
+    # maximum (else an earlier chunk would have held it), so they are never chosen
+    offsets = torch.arange(_ARGMAX_CHUNK, device=values.device)
+    columns = (start.unsqueeze(1) + offsets) % n
+    within = values.gather(1, columns).argmax(dim=-1)
+    return start + within
+
+
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[list[int], dict[int, TokenLogprobs]]:
     """Sample one token per row of `logits` (rows, vocab); returns token ids and per-row logprobs."""
     raw_logits = logits.float()
@@ -153,14 +183,14 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[list[int], dict[
                 logits = torch.where(is_dead.unsqueeze(1), grammar_only, logits)
     if batch.output_token_counts is not None:
         logits = _apply_penalties(logits, batch)
-    greedy_tokens = logits.argmax(dim=-1)
+    greedy_tokens = row_argmax(logits)
     if batch.all_greedy:
         sampled = greedy_tokens
     else:
         temperature = torch.where(batch.temperature > 0, batch.temperature, 1.0).unsqueeze(1)
         scaled = _apply_top_k_top_p_min_p(logits / temperature, batch)
         probs = scaled.softmax(dim=-1)
-        random_tokens = (probs / _exponential_noise(probs, batch)).argmax(dim=-1)
+        random_tokens = row_argmax(probs / _exponential_noise(probs, batch))
         sampled = torch.where(batch.temperature > 0, random_tokens, greedy_tokens)
     logprobs = _gather_logprobs(raw_logits, sampled, batch) if batch.logprob_rows else {}
     return sampled.tolist(), logprobs

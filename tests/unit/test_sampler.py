@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tessera.core.sampling_params import SamplingParams
-from tessera.core.worker.sampler import apply_token_bitmask_, sample
+from tessera.core.worker.sampler import apply_token_bitmask_, row_argmax, sample
 from tessera.core.worker.sampling_batch import RequestState, build_sampling_batch
 
 VOCAB = 50
@@ -126,3 +127,15 @@ def test_bitmask_matches_a_naive_loop():
     for r in (0, 2):
         assert torch.equal(torch.isinf(masked[r]), ~allowed[r])
     assert torch.equal(masked[1], logits[1])
+
+
+@pytest.mark.parametrize("vocab", [5, 200, 256, 300, 32000, 50257])
+@pytest.mark.parametrize("rows", [0, 1, 7])
+def test_row_argmax_is_argmax_with_first_index_ties(vocab: int, rows: int) -> None:
+    values = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(vocab + rows))
+    assert torch.equal(row_argmax(values), values.argmax(dim=-1))
+    if rows:
+        values[:, [vocab // 3, vocab // 2, vocab - 1]] = 10.0  # ties in chunks and in the tail
+        assert torch.equal(row_argmax(values), torch.full((rows,), vocab // 3))
+        values[:, : vocab - 1] = float("-inf")  # only the last value (in the tail, if any) can win
+        assert torch.equal(row_argmax(values), torch.full((rows,), vocab - 1))
