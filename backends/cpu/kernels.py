@@ -6,10 +6,12 @@ costs 4-5x more than the kernel (measured in docs/benchmarks.md). The 4- and 8-b
 (csrc/group_quant_linear.cpp, see backends/cpu/group_quant_linear.py) is ~2x faster than torch's
 int4 kernel and serves every batch size, so a GGUF layer needs no dequantized bf16 copy. Prefill
 attention (paged_prefill_attention) is 1.6-2.2x faster than torch's CPU flash attention for bf16
-caches, and the decoder stack (csrc/decoder_stack.cpp) runs a decode-only step's layers in one
-call. The build takes ~80 s on 2 cores once per machine and is cached under `~/.cache/tessera/kernels/` (or
+caches, and the decoder stack (csrc/decoder_stack.cpp) runs a step's layers in one call. The
+build takes ~80 s on 2 cores once per machine and is cached under `~/.cache/tessera/kernels/` (or
 `$TESSERA_KERNEL_CACHE`), keyed by the source, the torch version and the CPU, so a changed source
-or a different machine rebuilds.
+or a different machine rebuilds; and by where the sources and torch are, because torch's builder
+records those paths and rebuilds when they change: two checkouts (a CI clone beside a working
+copy, say) sharing one build directory rebuilt it each time the other one loaded.
 
 When no C++ compiler is found, or the build fails, `load()` logs why once and returns None; the
 backend then computes the same thing with torch ops. `TESSERA_CPU_KERNELS=0` skips the kernels.
@@ -53,6 +55,7 @@ def _build_dir() -> Path:
     for source in SOURCES:
         key.update(source.read_bytes())
     key.update(" ".join([torch.__version__, platform.machine(), _cpu_model(), *CFLAGS]).encode())
+    key.update(" ".join([str(Path(torch.__file__).parent), *(str(s.resolve()) for s in SOURCES)]).encode())
     root = Path(os.environ.get("TESSERA_KERNEL_CACHE") or Path.home() / ".cache" / "tessera" / "kernels")
     return root / key.hexdigest()[:16]
 
