@@ -13,6 +13,7 @@ step each layer is a single C++ call that stores the step's keys and values and 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +27,28 @@ from tessera.core.interfaces.attention import AttentionBackend, AttentionMetadat
 @dataclass
 class _Prefill:
     tokens: slice  # this request's rows in the flat batch
-    slots: torch.Tensor | None  # (seq_len,) cache slots of its whole sequence; None: fresh prompt
-    mask: torch.Tensor | None  # (query_len, seq_len) bool causal mask at the chunk's offset
+    seq_len: int  # tokens of its sequence so far, this step's included
+    table: torch.Tensor  # its block table
+    block_size: int
+
+    @property
+    def is_fresh(self) -> bool:
+        """The whole sequence is in this step (no cached tokens before it)."""
+        return self.tokens.stop - self.tokens.start == self.seq_len
+
+    # For the SDPA path only (the C++ prefill kernel reads the block table itself), so made on
+    # first use and kept for the step's other layers: a long chunk's mask is megabytes.
+    @functools.cached_property
+    def slots(self) -> torch.Tensor:
+        """(seq_len,) cache slots of the whole sequence."""
+        return _slots(self.table, self.seq_len, self.block_size)
+
+    @functools.cached_property
+    def mask(self) -> torch.Tensor:
+        """(query_len, seq_len) bool causal mask at the chunk's offset."""
+        query_len = self.tokens.stop - self.tokens.start
+        rows = torch.arange(self.seq_len - query_len, self.seq_len).unsqueeze(1)
+        return torch.arange(self.seq_len).unsqueeze(0) <= rows
 
 
 @dataclass
@@ -103,13 +124,8 @@ def _make_plan(metadata: AttentionMetadata, with_kernels: bool) -> _StepPlan:
         if query_len == 1:
             decodes.append(index)
             decode_rows.append(start)
-        elif query_len == seq_len:
-            prefills.append(_Prefill(slice(start, start + query_len), None, None))
-        else:  # a later chunk, or a prompt whose prefix was cached
-            slots = _slots(metadata.block_tables[index], seq_len, block_size)
-            rows = torch.arange(seq_len - query_len, seq_len).unsqueeze(1)
-            mask = torch.arange(seq_len).unsqueeze(0) <= rows  # (query_len, seq_len)
-            prefills.append(_Prefill(slice(start, start + query_len), slots, mask))
+        else:  # a prompt, a later chunk of one, or a prompt whose prefix was cached
+            prefills.append(_Prefill(slice(start, start + query_len), seq_len, metadata.block_tables[index], block_size))
         start += query_len
     index_tensor = torch.tensor(decodes, dtype=torch.long)
     all_decode = len(decodes) == len(metadata.query_lens_cpu)
@@ -243,7 +259,7 @@ class CpuAttentionBackend(AttentionBackend):
         scale: float,
     ) -> torch.Tensor:  # (query_len, num_heads, head_dim)
         q = query[prefill.tokens].transpose(0, 1)  # (num_heads, query_len, head_dim)
-        if prefill.slots is None:  # the whole sequence is in this step
+        if prefill.is_fresh:  # the whole sequence is in this step
             k, v = key[prefill.tokens].transpose(0, 1), value[prefill.tokens].transpose(0, 1)
             return _sdpa(q, k, v, scale, is_causal=True).transpose(0, 1)
         k = key_cache.index_select(0, prefill.slots).transpose(0, 1)  # (num_kv_heads, seq_len, head_dim)
