@@ -303,9 +303,14 @@ void decode_attention_bf16(at::Tensor& out, const at::Tensor& query, const at::T
 
       // Runs of at most kLanes slots inside one block: visit(first, count, slot of the first).
       // The cache comes from memory (a step's weights pass through the caches between two
-      // layers), so the next run's rows of this task's heads are prefetched into L2 first
-      // (30 layers of 32 x 124 cached tokens, each layer's cache cold: 9.2-11.9 ms without,
-      // 7.4-8.6 ms with; fetching two runs ahead, or the values during the keys' pass, was slower).
+      // layers), so before a run is visited the next one's rows of this task's heads are
+      // prefetched into L2; after a pass's last run, the first run of what follows (`then_rows`,
+      // `then_count` slots): the values after the keys, the next task's keys after the values.
+      // (30 layers of 32 x 124 cached tokens, each layer's cache cold: 9.2-11.9 ms without
+      // prefetching, 7.4-8.6 ms with the next run; fetching two runs ahead, or all the values
+      // during the keys' pass, was slower. Adding the first run after each pass: 155-188 against
+      // 171-220 us a layer at 32 x 100, interleaved runs of benchmarks/attention_kernels.py's
+      // cold case.)
       const int64_t task_bytes = tasks.heads_per_task * kDim * static_cast<int64_t>(sizeof(uint16_t));
       auto run_length = [&](int64_t first) {
         return std::min({kLanes, seq_len - first, block_size - first % block_size});
@@ -313,21 +318,25 @@ void decode_attention_bf16(at::Tensor& out, const at::Tensor& query, const at::T
       auto slot_of = [&](int64_t position) {
         return static_cast<int64_t>(table[position / block_size]) * block_size + position % block_size;
       };
-      auto for_each_run = [&](const uint16_t* cache, auto&& visit) {
+      auto prefetch = [&](const uint16_t* rows, int64_t count) {  // count slots' rows from rows on
+        for (int64_t t = 0; t < count; ++t)
+          for (int64_t byte = 0; byte < task_bytes; byte += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(rows + t * token_stride) + byte, _MM_HINT_T1);
+      };
+      auto for_each_run = [&](const uint16_t* cache, const uint16_t* then_rows, int64_t then_count, auto&& visit) {
         for (int64_t first = 0; first < seq_len;) {
           const int64_t count = run_length(first), next = first + count;
-          if (next < seq_len) {
-            const auto* rows = reinterpret_cast<const char*>(cache + slot_of(next) * token_stride + first_kv_head * kDim);
-            for (int64_t t = 0; t < run_length(next); ++t)
-              for (int64_t byte = 0; byte < task_bytes; byte += 64)
-                _mm_prefetch(rows + t * token_stride * static_cast<int64_t>(sizeof(uint16_t)) + byte, _MM_HINT_T1);
-          }
+          if (next < seq_len)
+            prefetch(cache + slot_of(next) * token_stride + first_kv_head * kDim, run_length(next));
+          else
+            prefetch(then_rows, then_count);
           visit(first, count, slot_of(first));
           first = next;
         }
       };
 
-      for_each_run(k_data, [&](int64_t first, int64_t count, int64_t slot) {
+      for_each_run(k_data, v_data + slot_of(0) * token_stride + first_kv_head * kDim, run_length(0),
+                   [&](int64_t first, int64_t count, int64_t slot) {
         for (int64_t j = 0; j < tasks.heads_per_task; ++j) {
           const uint16_t* keys = k_data + slot * token_stride + (first_kv_head + j) * kDim;
           __m512bh q[kGroup][kPairs];
@@ -359,7 +368,16 @@ void decode_attention_bf16(at::Tensor& out, const at::Tensor& query, const at::T
       }
 
       std::fill(out_rows.begin(), out_rows.end(), 0.f);
-      for_each_run(v_data, [&](int64_t first, int64_t count, int64_t slot) {
+      const uint16_t* next_task_rows = nullptr;  // the next task's first run of keys
+      int64_t next_task_count = 0;
+      if (task + 1 < end) {
+        const int64_t next_req = (task + 1) / tasks.tasks_per_req;
+        const int64_t next_kv_head = ((task + 1) % tasks.tasks_per_req) * tasks.heads_per_task;
+        next_task_rows = k_data + static_cast<int64_t>(tables[next_req * max_blocks]) * block_size * token_stride +
+                         next_kv_head * kDim;
+        next_task_count = std::min<int64_t>({kLanes, lens[next_req], block_size});
+      }
+      for_each_run(v_data, next_task_rows, next_task_count, [&](int64_t first, int64_t count, int64_t slot) {
         for (int64_t j = 0; j < tasks.heads_per_task; ++j) {
           const uint16_t* values = v_data + slot * token_stride + (first_kv_head + j) * kDim;
           const float* p = scores.data() + j * kGroup * seq_len + first;
