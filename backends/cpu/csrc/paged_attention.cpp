@@ -301,42 +301,47 @@ void decode_attention_bf16(at::Tensor& out, const at::Tensor& query, const at::T
       const uint16_t* q_task = q_data + (req * num_heads + first_kv_head * kGroup) * kDim;
       scores.resize(task_heads * seq_len);
 
-      // Runs of at most kLanes slots inside one block: visit(first, count, slot of the first).
-      // The cache comes from memory (a step's weights pass through the caches between two
-      // layers), so before a run is visited the next one's rows of this task's heads are
-      // prefetched into L2; after a pass's last run, the first run of what follows (`then_rows`,
-      // `then_count` slots): the values after the keys, the next task's keys after the values.
-      // (30 layers of 32 x 124 cached tokens, each layer's cache cold: 9.2-11.9 ms without
-      // prefetching, 7.4-8.6 ms with the next run; fetching two runs ahead, or all the values
-      // during the keys' pass, was slower. Adding the first run after each pass: 155-188 against
-      // 171-220 us a layer at 32 x 100, interleaved runs of benchmarks/attention_kernels.py's
-      // cold case.)
-      const int64_t task_bytes = tasks.heads_per_task * kDim * static_cast<int64_t>(sizeof(uint16_t));
+      // Runs of at most kLanes slots inside one block: visit(first, count, slot of the first,
+      // next_rows, next_count). The cache comes from memory (a step's weights pass through the
+      // caches between two layers), so each run's rows are prefetched into L2 while the run
+      // before is read: `visit` prefetches head j's row of slot t of the next run as it reads the
+      // same of its own, and for_each_run the slots the next run has beyond this one's. The next
+      // run after a pass's last is the first of what follows (`then_rows`, `then_count` slots):
+      // the values after the keys, the next task's keys after the values.
+      // Measured per layer in the cold case of benchmarks/attention_kernels.py (interleaved
+      // builds in one process): fetching the whole next run before visiting a run made the core
+      // wait for most of it (the misses queue up behind the prefetches), so reading ran at
+      // ~14 GB/s; spread over the visit, 32 x 100 takes 131-158 against 157-175 us, 32 x 300
+      // 338-439 against 435-526, 32 x 600 651-857 against 837-969. Into L1 (T0) was slower
+      // than either.
       auto run_length = [&](int64_t first) {
         return std::min({kLanes, seq_len - first, block_size - first % block_size});
       };
       auto slot_of = [&](int64_t position) {
         return static_cast<int64_t>(table[position / block_size]) * block_size + position % block_size;
       };
-      auto prefetch = [&](const uint16_t* rows, int64_t count) {  // count slots' rows from rows on
-        for (int64_t t = 0; t < count; ++t)
-          for (int64_t byte = 0; byte < task_bytes; byte += 64)
-            _mm_prefetch(reinterpret_cast<const char*>(rows + t * token_stride) + byte, _MM_HINT_T1);
+      // head j's row of slot t of the next run, while the same of this run is read
+      auto prefetch_row = [&](const uint16_t* rows, int64_t t, int64_t j) {
+        const char* row = reinterpret_cast<const char*>(rows + t * token_stride + j * kDim);
+        for (int64_t byte = 0; byte < kDim * 2; byte += 64) _mm_prefetch(row + byte, _MM_HINT_T1);
+      };
+      auto prefetch_rest = [&](const uint16_t* rows, int64_t from, int64_t count) {
+        for (int64_t t = from; t < count; ++t)
+          for (int64_t j = 0; j < tasks.heads_per_task; ++j) prefetch_row(rows, t, j);
       };
       auto for_each_run = [&](const uint16_t* cache, const uint16_t* then_rows, int64_t then_count, auto&& visit) {
         for (int64_t first = 0; first < seq_len;) {
           const int64_t count = run_length(first), next = first + count;
-          if (next < seq_len)
-            prefetch(cache + slot_of(next) * token_stride + first_kv_head * kDim, run_length(next));
-          else
-            prefetch(then_rows, then_count);
-          visit(first, count, slot_of(first));
+          const uint16_t* next_rows = next < seq_len ? cache + slot_of(next) * token_stride + first_kv_head * kDim : then_rows;
+          const int64_t next_count = next < seq_len ? run_length(next) : then_count;
+          visit(first, count, slot_of(first), next_rows, next_count);
+          prefetch_rest(next_rows, count, next_count);
           first = next;
         }
       };
 
       for_each_run(k_data, v_data + slot_of(0) * token_stride + first_kv_head * kDim, run_length(0),
-                   [&](int64_t first, int64_t count, int64_t slot) {
+                   [&](int64_t first, int64_t count, int64_t slot, const uint16_t* next_rows, int64_t next_count) {
         for (int64_t j = 0; j < tasks.heads_per_task; ++j) {
           const uint16_t* keys = k_data + slot * token_stride + (first_kv_head + j) * kDim;
           __m512bh q[kGroup][kPairs];
@@ -344,6 +349,7 @@ void decode_attention_bf16(at::Tensor& out, const at::Tensor& query, const at::T
             for (int64_t c = 0; c < kPairs; ++c)
               q[g][c] = (__m512bh)_mm512_loadu_si512(q_task + (j * kGroup + g) * kDim + 32 * c);
           for (int64_t t = 0; t < count; ++t) {
+            if (t < next_count) prefetch_row(next_rows, t, j);
             __m512bh k[kPairs];
             for (int64_t c = 0; c < kPairs; ++c)
               k[c] = (__m512bh)_mm512_loadu_si512(keys + t * token_stride + 32 * c);
@@ -377,7 +383,8 @@ void decode_attention_bf16(at::Tensor& out, const at::Tensor& query, const at::T
                          next_kv_head * kDim;
         next_task_count = std::min<int64_t>({kLanes, lens[next_req], block_size});
       }
-      for_each_run(v_data, next_task_rows, next_task_count, [&](int64_t first, int64_t count, int64_t slot) {
+      for_each_run(v_data, next_task_rows, next_task_count, [&](int64_t first, int64_t count, int64_t slot,
+                                                                const uint16_t* next_rows, int64_t next_count) {
         for (int64_t j = 0; j < tasks.heads_per_task; ++j) {
           const uint16_t* values = v_data + slot * token_stride + (first_kv_head + j) * kDim;
           const float* p = scores.data() + j * kGroup * seq_len + first;
@@ -387,6 +394,7 @@ void decode_attention_bf16(at::Tensor& out, const at::Tensor& query, const at::T
             for (int64_t g = 0; g < kGroup; ++g)
               for (int64_t c = 0; c < kHeld; ++c) acc[g][c] = _mm512_loadu_ps(o + g * kDim + (c0 + c) * kLanes);
             for (int64_t t = 0; t < count; ++t) {
+              if (c0 == 0 && t < next_count) prefetch_row(next_rows, t, j);
               for (int64_t c = 0; c < kHeld; ++c) {
                 const __m256i raw = _mm256_loadu_si256(
                     reinterpret_cast<const __m256i*>(values + t * token_stride + (c0 + c) * kLanes));
