@@ -184,8 +184,8 @@ SHAPES = {  # (query heads, KV heads, head dim, block size, sequence lengths)
     "smollm2": (9, 3, 64, 16, [1, 17, 40, 130, 257]),  # the default model's layout
     "dim128-block32": (4, 1, 128, 32, [1, 33, 70]),
     "dim80-block8": (6, 2, 80, 8, [5, 23, 100]),  # head dim without an unrolled loop; small blocks
-    "dim24-one-request": (2, 2, 24, 16, [300]),  # scalar tails; one request split by KV head
-    "smollm2-one-request": (9, 3, 64, 16, [300]),  # bf16 kernel: one request split by KV head
+    "dim24-one-request": (2, 2, 24, 16, [300]),  # scalar tails; one request split over the threads
+    "smollm2-one-request": (9, 3, 64, 16, [300]),  # bf16 kernel: one request split over the threads
     "dim64-group16": (16, 1, 64, 16, [20, 90]),  # more query heads per KV head than bf16's kernel takes
 }
 
@@ -196,6 +196,28 @@ SHAPES = {  # (query heads, KV heads, head dim, block size, sequence lengths)
 def test_decode_attention_over_scattered_blocks(dtype, use_kernel, shape):
     """Decoding requests of different lengths whose blocks are scattered over the cache, some
     ending mid-block, for several head layouts."""
+    _check_decode_attention(dtype, use_kernel, shape)
+
+
+@pytest.mark.parametrize("threads", [1, 3, 5])
+@pytest.mark.parametrize(
+    "lengths", [[700], [1000, 20, 3], [50, 60, 900, 40], [31, 33]], ids=["one", "long-first", "long-inside", "short"]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_cut_into_equal_shares_per_thread(dtype, lengths, threads):
+    """The kernel cuts the step's cached tokens into one equal share per thread; a request a cut
+    falls inside is attended in pieces whose softmax states are merged. Every way of cutting gives
+    the same attention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_decode_attention(dtype, True, (9, 3, 64, 16, lengths))
+        _check_decode_attention(dtype, True, (2, 2, 24, 8, lengths))
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_decode_attention(dtype, use_kernel, shape):
     gen = torch.Generator().manual_seed(1)
     heads, kv_heads, dim, block, lengths = shape
     num_blocks = sum(-(-n // block) for n in lengths) + 4

@@ -20,6 +20,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -59,8 +61,9 @@ inline void widen<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_t n
   }
 }
 
-// s[0..n) = softmax(s[0..n)), in float32 (no infinities: the file is built with -ffast-math)
-inline void softmax_in_place(float* s, int64_t n) {
+// s[0..n) = softmax(s[0..n)), in float32 (no infinities: the file is built with -ffast-math);
+// returns the scores' maximum and the sum of their exponentials less that maximum
+inline std::pair<float, float> softmax_in_place(float* s, int64_t n) {
   float max_score = s[0];
   for (int64_t i = 1; i < n; ++i) max_score = std::max(max_score, s[i]);
   float total = 0.f;
@@ -70,6 +73,7 @@ inline void softmax_in_place(float* s, int64_t n) {
   }
   const float inv = 1.f / total;
   for (int64_t i = 0; i < n; ++i) s[i] *= inv;
+  return {max_score, total};
 }
 
 // out[t] = sum of the lanes of v[t], for kLanes vectors: one transposing reduction instead of
@@ -120,23 +124,117 @@ void for_balanced_ranges(const std::vector<int64_t>& cost_before, const F& body)
   });
 }
 
-// Decode tasks are (request, range of KV heads): a whole request when there are enough requests
-// to keep every thread busy (each cached row is then read in one contiguous pass), else one task
-// per KV head, so a lone long request still uses every core. A task costs its request's cached
-// tokens plus a little for its query.
-struct DecodeTasks {
-  int64_t heads_per_task, tasks_per_req;
-  std::vector<int64_t> cost_before;
+// Decode work is cut into pieces: a piece is one request's cached positions [begin, end), for all
+// its KV heads, so each cached slot is read in one contiguous pass. The requests are laid end to
+// end, each costing its cached tokens plus kQueryCost for its query and output, and the whole is
+// cut into one equal share per thread at multiples of kLanes positions. A request that a cut
+// falls inside is split: each of its pieces keeps its softmax-weighted values in float32 with its
+// scores' maximum and total, and the pieces are merged after (the log-sum-exp merge of
+// flash-decoding). So a lone long request uses every thread, and a long request next to short
+// ones leaves no thread waiting at the barrier.
+constexpr int64_t kQueryCost = 16;
+
+struct DecodePiece {
+  int64_t req, begin, end;
+  int64_t part;  // the piece's row in the split buffers, or -1 for a whole request
 };
 
-inline DecodeTasks decode_tasks(int64_t num_reqs, int64_t num_kv_heads, const int32_t* lens) {
-  DecodeTasks tasks;
-  tasks.heads_per_task = num_reqs >= at::get_num_threads() ? num_kv_heads : 1;
-  tasks.tasks_per_req = num_kv_heads / tasks.heads_per_task;
-  tasks.cost_before.assign(num_reqs * tasks.tasks_per_req + 1, 0);
-  for (int64_t task = 0; task < num_reqs * tasks.tasks_per_req; ++task)
-    tasks.cost_before[task + 1] = tasks.cost_before[task] + lens[task / tasks.tasks_per_req] + 16;
-  return tasks;
+struct SplitRequest {
+  int64_t req, first_part, parts;  // its pieces are rows [first_part, first_part + parts) of the split buffers
+};
+
+struct DecodePlan {
+  std::vector<DecodePiece> pieces;    // in request order
+  std::vector<int64_t> thread_first;  // thread i's pieces: [thread_first[i], thread_first[i + 1])
+  std::vector<SplitRequest> splits;
+  int64_t num_parts = 0;  // pieces of split requests
+};
+
+inline DecodePlan plan_decode(int64_t num_reqs, const int32_t* lens, int64_t num_threads) {
+  std::vector<int64_t> cost_before(num_reqs + 1, 0);
+  for (int64_t r = 0; r < num_reqs; ++r) cost_before[r + 1] = cost_before[r] + kQueryCost + lens[r];
+  const int64_t shares = std::max<int64_t>(1, std::min(num_threads, num_reqs > 0 ? cost_before.back() : 1));
+  // thread i starts at (request, position) cuts[i]; (r, lens[r]) is written (r + 1, 0)
+  std::vector<std::pair<int64_t, int64_t>> cuts(shares + 1, {num_reqs, 0});
+  cuts[0] = {0, 0};
+  for (int64_t i = 1; i < shares; ++i) {
+    const int64_t cost = cost_before.back() * i / shares;
+    const int64_t r = std::upper_bound(cost_before.begin(), cost_before.end(), cost) - cost_before.begin() - 1;
+    int64_t position = (cost - cost_before[r] - kQueryCost + kLanes / 2) / kLanes * kLanes;
+    position = std::max<int64_t>(0, position);
+    cuts[i] = position >= lens[r] ? std::make_pair(r + 1, int64_t{0}) : std::make_pair(r, position);
+    cuts[i] = std::max(cuts[i], cuts[i - 1]);
+  }
+  DecodePlan plan;
+  for (int64_t i = 0; i < shares; ++i) {
+    plan.thread_first.push_back(static_cast<int64_t>(plan.pieces.size()));
+    const auto [first_req, first_pos] = cuts[i];
+    const auto [end_req, end_pos] = cuts[i + 1];
+    for (int64_t r = first_req; r < std::min(end_req + 1, num_reqs); ++r) {
+      const int64_t begin = r == first_req ? first_pos : 0, end = r == end_req ? end_pos : lens[r];
+      if (begin < end) plan.pieces.push_back({r, begin, end, -1});
+    }
+  }
+  plan.thread_first.push_back(static_cast<int64_t>(plan.pieces.size()));
+  for (DecodePiece& piece : plan.pieces) {
+    if (piece.begin == 0 && piece.end == lens[piece.req]) continue;
+    if (piece.begin == 0) plan.splits.push_back({piece.req, plan.num_parts, 0});
+    ++plan.splits.back().parts;
+    piece.part = plan.num_parts++;
+  }
+  return plan;
+}
+
+// Runs every piece of the plan on its thread through worker(piece, the thread's next piece or
+// nullptr, out_rows, maxima, totals), one worker per thread from make_worker(). The worker leaves
+// the piece's attention output, its softmax normalized over the piece alone, in out_rows
+// (num_heads x head_dim float32), and each query head's score maximum and exponential sum in
+// maxima and totals. A whole request's output is written to out; the pieces of a split request
+// are merged into it after.
+template <typename scalar_t, typename MakeWorker>
+void run_decode_plan(const DecodePlan& plan, int64_t num_heads, int64_t head_dim, scalar_t* out_data,
+                     const MakeWorker& make_worker) {
+  const int64_t row_floats = num_heads * head_dim;
+  std::vector<float> part_rows(plan.num_parts * row_floats), part_maxima(plan.num_parts * num_heads),
+      part_totals(plan.num_parts * num_heads);
+  const int64_t shares = static_cast<int64_t>(plan.thread_first.size()) - 1;
+  at::parallel_for(0, shares, 1, [&](int64_t first_share, int64_t end_share) {
+    std::vector<float> out_rows(row_floats), maxima(num_heads), totals(num_heads);
+    auto worker = make_worker();
+    const int64_t last = plan.thread_first[end_share];
+    for (int64_t p = plan.thread_first[first_share]; p < last; ++p) {
+      const DecodePiece& piece = plan.pieces[p];
+      worker(piece, p + 1 < last ? &plan.pieces[p + 1] : nullptr, out_rows.data(), maxima.data(), totals.data());
+      if (piece.part < 0) {
+        scalar_t* o = out_data + piece.req * row_floats;
+        for (int64_t i = 0; i < row_floats; ++i) o[i] = static_cast<scalar_t>(out_rows[i]);
+      } else {
+        std::copy(out_rows.begin(), out_rows.end(), part_rows.begin() + piece.part * row_floats);
+        std::copy(maxima.begin(), maxima.end(), part_maxima.begin() + piece.part * num_heads);
+        std::copy(totals.begin(), totals.end(), part_totals.begin() + piece.part * num_heads);
+      }
+    }
+  });
+  // each split request: out_h = sum_p w_p o_ph / sum_p w_p, w_p = total_ph * exp(max_ph - max_h)
+  std::vector<float> merged(head_dim);
+  for (const auto& [req, first_part, parts] : plan.splits) {
+    for (int64_t h = 0; h < num_heads; ++h) {
+      auto max_of = [&](int64_t part) { return part_maxima[part * num_heads + h]; };
+      float max_score = max_of(first_part);
+      for (int64_t p = 1; p < parts; ++p) max_score = std::max(max_score, max_of(first_part + p));
+      std::fill(merged.begin(), merged.end(), 0.f);
+      float weight_total = 0.f;
+      for (int64_t p = 0; p < parts; ++p) {
+        const int64_t part = first_part + p;
+        const float weight = part_totals[part * num_heads + h] * std::exp(max_of(part) - max_score);
+        weight_total += weight;
+        const float* rows = part_rows.data() + part * row_floats + h * head_dim;
+        for (int64_t i = 0; i < head_dim; ++i) merged[i] += weight * rows[i];
+      }
+      scalar_t* o = out_data + req * row_floats + h * head_dim;
+      for (int64_t i = 0; i < head_dim; ++i) o[i] = static_cast<scalar_t>(merged[i] / weight_total);
+    }
+  }
 }
 
 template <typename scalar_t, int64_t kChunks>
@@ -167,91 +265,84 @@ void decode_attention_kernel(
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   scalar_t* out_data = out.data_ptr<scalar_t>();
 
-  const DecodeTasks tasks = decode_tasks(num_reqs, num_kv_heads, lens);
-  const int64_t heads_per_task = tasks.heads_per_task, tasks_per_req = tasks.tasks_per_req;
-  for_balanced_ranges(tasks.cost_before, [&](int64_t begin, int64_t end) {
-    const int64_t task_heads = heads_per_task * group;  // query heads of one task
-    const int64_t row_len = heads_per_task * head_dim;  // floats of one slot that a task reads
-    std::vector<float> q(task_heads * head_dim), out_rows(task_heads * head_dim), tile(kLanes * row_len), scores;
-    floatv partial[kLanes];
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t req = task / tasks_per_req, first_kv_head = (task % tasks_per_req) * heads_per_task;
-      const int64_t first_head = first_kv_head * group;
-      const int64_t seq_len = lens[req];
+  const DecodePlan plan = plan_decode(num_reqs, lens, at::get_num_threads());
+  const int64_t row_len = token_stride;  // floats of one slot: every KV head
+  run_decode_plan(plan, num_heads, head_dim, out_data, [&] {  // one worker per thread, with its buffers
+    return [&, q = std::vector<float>(num_heads * head_dim), tile = std::vector<float>(kLanes * row_len),
+            scores = std::vector<float>()](const DecodePiece& piece, const DecodePiece*, float* out_rows,
+                                           float* maxima, float* totals) mutable {
+      floatv partial[kLanes];
+      const int64_t req = piece.req, length = piece.end - piece.begin;
       const int32_t* table = tables + req * max_blocks;
-      widen(q_data + (req * num_heads + first_head) * head_dim, q.data(), task_heads * head_dim);
+      widen(q_data + req * num_heads * head_dim, q.data(), num_heads * head_dim);
       for (float& x : q) x *= static_cast<float>(scale);
-      scores.resize(task_heads * seq_len);
+      scores.resize(num_heads * length);
 
-      // Walk the sequence in runs of at most kLanes slots inside one block; `visit(first, count,
-      // rows)` gets each run with its rows (of this task's KV heads) widened to float32 in `tile`.
+      // Walk the piece in runs of at most kLanes slots inside one block; `visit(first, count)` gets
+      // each run (positions from the piece's start) with its rows widened to float32 in `tile`.
       auto for_each_run = [&](const scalar_t* cache, auto&& visit) {
-        for (int64_t first = 0; first < seq_len;) {
-          const int64_t count = std::min({kLanes, seq_len - first, block_size - first % block_size});
-          const int64_t slot = static_cast<int64_t>(table[first / block_size]) * block_size + first % block_size;
-          const scalar_t* rows = cache + slot * token_stride + first_kv_head * head_dim;
+        for (int64_t position = piece.begin; position < piece.end;) {
+          const int64_t count = std::min({kLanes, piece.end - position, block_size - position % block_size});
+          const int64_t slot = static_cast<int64_t>(table[position / block_size]) * block_size + position % block_size;
+          const scalar_t* rows = cache + slot * token_stride;
           for (int64_t t = 0; t < count; ++t) widen(rows + t * token_stride, tile.data() + t * row_len, row_len);
-          visit(first, count);
-          first += count;
+          visit(position - piece.begin, count);
+          position += count;
         }
-      };
+    };
 
-      // scores[h * seq_len + j] = q_h . k_j: a run's dot products are summed together
-      for_each_run(k_data, [&](int64_t first, int64_t count) {
-        for (int64_t h = 0; h < task_heads; ++h) {
-          const float* qh = q.data() + h * head_dim;
-          const float* kh = tile.data() + (h / group) * head_dim;
-          float* sh = scores.data() + h * seq_len + first;
-          if (chunks == 0) {
-            for (int64_t t = 0; t < count; ++t) {
-              float total = 0.f;
-              for (int64_t i = 0; i < head_dim; ++i) total += qh[i] * kh[t * row_len + i];
-              sh[t] = total;
-            }
-            continue;
-          }
+    // scores[h * length + j] = q_h . k_j: a run's dot products are summed together
+    for_each_run(k_data, [&](int64_t first, int64_t count) {
+      for (int64_t h = 0; h < num_heads; ++h) {
+        const float* qh = q.data() + h * head_dim;
+        const float* kh = tile.data() + (h / group) * head_dim;
+        float* sh = scores.data() + h * length + first;
+        if (chunks == 0) {
           for (int64_t t = 0; t < count; ++t) {
-            floatv acc = {};
-            for (int64_t c = 0; c < chunks; ++c) acc += load(qh + c * kLanes) * load(kh + t * row_len + c * kLanes);
-            partial[t] = acc;
+            float total = 0.f;
+            for (int64_t i = 0; i < head_dim; ++i) total += qh[i] * kh[t * row_len + i];
+            sh[t] = total;
           }
-          for (int64_t t = count; t < kLanes; ++t) partial[t] = floatv{};
-          float sums[kLanes];
-          sum_each(partial, sums);
-          std::copy(sums, sums + count, sh);
+          continue;
         }
-      });
-
-      // softmax over each query head's scores, in place
-      for (int64_t h = 0; h < task_heads; ++h) {
-        softmax_in_place(scores.data() + h * seq_len, seq_len);
+        for (int64_t t = 0; t < count; ++t) {
+          floatv acc = {};
+          for (int64_t c = 0; c < chunks; ++c) acc += load(qh + c * kLanes) * load(kh + t * row_len + c * kLanes);
+          partial[t] = acc;
+        }
+        for (int64_t t = count; t < kLanes; ++t) partial[t] = floatv{};
+        float sums[kLanes];
+        sum_each(partial, sums);
+        std::copy(sums, sums + count, sh);
       }
+    });
 
-      // out_h = sum_j p_hj v_j, each head's accumulators held across a run
-      std::fill(out_rows.begin(), out_rows.end(), 0.f);
-      for_each_run(v_data, [&](int64_t first, int64_t count) {
-        for (int64_t h = 0; h < task_heads; ++h) {
-          const float* ph = scores.data() + h * seq_len + first;
-          const float* vh = tile.data() + (h / group) * head_dim;
-          float* oh = out_rows.data() + h * head_dim;
-          if (chunks == 0) {
-            for (int64_t t = 0; t < count; ++t)
-              for (int64_t i = 0; i < head_dim; ++i) oh[i] += ph[t] * vh[t * row_len + i];
-            continue;
-          }
-          for (int64_t c0 = 0; c0 < chunks; c0 += kMaxHeld) {  // one pass when chunks <= kMaxHeld
-            const int64_t held = std::min(kMaxHeld, chunks - c0);
-            floatv acc[kMaxHeld];
-            for (int64_t c = 0; c < held; ++c) acc[c] = load(oh + (c0 + c) * kLanes);
-            for (int64_t t = 0; t < count; ++t)
-              for (int64_t c = 0; c < held; ++c) acc[c] += ph[t] * load(vh + t * row_len + (c0 + c) * kLanes);
-            for (int64_t c = 0; c < held; ++c) store(oh + (c0 + c) * kLanes, acc[c]);
-          }
+    for (int64_t h = 0; h < num_heads; ++h)  // softmax over each query head's scores, in place
+      std::tie(maxima[h], totals[h]) = softmax_in_place(scores.data() + h * length, length);
+
+    // out_h = sum_j p_hj v_j, each head's accumulators held across a run
+    std::fill(out_rows, out_rows + num_heads * head_dim, 0.f);
+    for_each_run(v_data, [&](int64_t first, int64_t count) {
+      for (int64_t h = 0; h < num_heads; ++h) {
+        const float* ph = scores.data() + h * length + first;
+        const float* vh = tile.data() + (h / group) * head_dim;
+        float* oh = out_rows + h * head_dim;
+        if (chunks == 0) {
+          for (int64_t t = 0; t < count; ++t)
+            for (int64_t i = 0; i < head_dim; ++i) oh[i] += ph[t] * vh[t * row_len + i];
+          continue;
         }
-      });
-      scalar_t* o = out_data + (req * num_heads + first_head) * head_dim;
-      for (int64_t i = 0; i < task_heads * head_dim; ++i) o[i] = static_cast<scalar_t>(out_rows[i]);
-    }
+        for (int64_t c0 = 0; c0 < chunks; c0 += kMaxHeld) {  // one pass when chunks <= kMaxHeld
+          const int64_t held = std::min(kMaxHeld, chunks - c0);
+          floatv acc[kMaxHeld];
+          for (int64_t c = 0; c < held; ++c) acc[c] = load(oh + (c0 + c) * kLanes);
+          for (int64_t t = 0; t < count; ++t)
+            for (int64_t c = 0; c < held; ++c) acc[c] += ph[t] * load(vh + t * row_len + (c0 + c) * kLanes);
+          for (int64_t c = 0; c < held; ++c) store(oh + (c0 + c) * kLanes, acc[c]);
+        }
+      }
+    });
+    };
   });
 }
 
@@ -288,129 +379,124 @@ void decode_attention_bf16(at::Tensor& out, const at::Tensor& query, const at::T
   auto* out_data = out.data_ptr<c10::BFloat16>();
   const float scale_f = static_cast<float>(scale);
 
-  const DecodeTasks tasks = decode_tasks(num_reqs, num_kv_heads, lens);
-  for_balanced_ranges(tasks.cost_before, [&](int64_t begin, int64_t end) {
-    const int64_t task_heads = tasks.heads_per_task * kGroup;
-    std::vector<float> scores, out_rows(task_heads * kDim);
-    floatv partial[kGroup][kLanes];
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t req = task / tasks.tasks_per_req;
-      const int64_t first_kv_head = (task % tasks.tasks_per_req) * tasks.heads_per_task;
-      const int64_t seq_len = lens[req];
+  const DecodePlan plan = plan_decode(num_reqs, lens, at::get_num_threads());
+  run_decode_plan(plan, num_heads, kDim, out_data, [&] {  // one worker per thread, with its scores
+    return [&, scores = std::vector<float>()](const DecodePiece& piece, const DecodePiece* next_piece,
+                                              float* out_rows, float* maxima, float* totals) mutable {
+      floatv partial[kGroup][kLanes];
+      const int64_t req = piece.req, length = piece.end - piece.begin;
       const int32_t* table = tables + req * max_blocks;
-      const uint16_t* q_task = q_data + (req * num_heads + first_kv_head * kGroup) * kDim;
-      scores.resize(task_heads * seq_len);
+      const uint16_t* q_req = q_data + req * num_heads * kDim;
+      scores.resize(num_heads * length);
 
       // Runs of at most kLanes slots inside one block: visit(first, count, slot of the first,
-      // next_rows, next_count). The cache comes from memory (a step's weights pass through the
-      // caches between two layers), so each run's rows are prefetched into L2 while the run
-      // before is read: `visit` prefetches head j's row of slot t of the next run as it reads the
-      // same of its own, and for_each_run the slots the next run has beyond this one's. The next
-      // run after a pass's last is the first of what follows (`then_rows`, `then_count` slots):
-      // the values after the keys, the next task's keys after the values.
+      // next_rows, next_count), `first` counted from the piece's start. The cache comes from memory
+      // (a step's weights pass through the caches between two layers), so each run's rows are
+      // prefetched into L2 while the run before is read: `visit` prefetches head j's row of slot t
+      // of the next run as it reads the same of its own, and for_each_run the slots the next run has
+      // beyond this one's. The next run after a pass's last is the first of what follows
+      // (`then_rows`, `then_count` slots): the values after the keys, the next piece's keys after
+      // the values.
       // Measured per layer in the cold case of benchmarks/attention_kernels.py (interleaved
       // builds in one process): fetching the whole next run before visiting a run made the core
       // wait for most of it (the misses queue up behind the prefetches), so reading ran at
       // ~14 GB/s; spread over the visit, 32 x 100 takes 131-158 against 157-175 us, 32 x 300
       // 338-439 against 435-526, 32 x 600 651-857 against 837-969. Into L1 (T0) was slower
       // than either.
-      auto run_length = [&](int64_t first) {
-        return std::min({kLanes, seq_len - first, block_size - first % block_size});
-      };
-      auto slot_of = [&](int64_t position) {
-        return static_cast<int64_t>(table[position / block_size]) * block_size + position % block_size;
-      };
-      // head j's row of slot t of the next run, while the same of this run is read
-      auto prefetch_row = [&](const uint16_t* rows, int64_t t, int64_t j) {
-        const char* row = reinterpret_cast<const char*>(rows + t * token_stride + j * kDim);
-        for (int64_t byte = 0; byte < kDim * 2; byte += 64) _mm_prefetch(row + byte, _MM_HINT_T1);
-      };
-      auto prefetch_rest = [&](const uint16_t* rows, int64_t from, int64_t count) {
-        for (int64_t t = from; t < count; ++t)
-          for (int64_t j = 0; j < tasks.heads_per_task; ++j) prefetch_row(rows, t, j);
-      };
-      auto for_each_run = [&](const uint16_t* cache, const uint16_t* then_rows, int64_t then_count, auto&& visit) {
-        for (int64_t first = 0; first < seq_len;) {
-          const int64_t count = run_length(first), next = first + count;
-          const uint16_t* next_rows = next < seq_len ? cache + slot_of(next) * token_stride + first_kv_head * kDim : then_rows;
-          const int64_t next_count = next < seq_len ? run_length(next) : then_count;
-          visit(first, count, slot_of(first), next_rows, next_count);
-          prefetch_rest(next_rows, count, next_count);
-          first = next;
-        }
-      };
+      auto run_length = [&](int64_t position) {
+        return std::min({kLanes, piece.end - position, block_size - position % block_size});
+    };
+    auto slot_of = [&](int64_t position) {
+      return static_cast<int64_t>(table[position / block_size]) * block_size + position % block_size;
+    };
+    // KV head j's row of slot t of the next run, while the same of this run is read
+    auto prefetch_row = [&](const uint16_t* rows, int64_t t, int64_t j) {
+      const char* row = reinterpret_cast<const char*>(rows + t * token_stride + j * kDim);
+      for (int64_t byte = 0; byte < kDim * 2; byte += 64) _mm_prefetch(row + byte, _MM_HINT_T1);
+    };
+    auto prefetch_rest = [&](const uint16_t* rows, int64_t from, int64_t count) {
+      for (int64_t t = from; t < count; ++t)
+        for (int64_t j = 0; j < num_kv_heads; ++j) prefetch_row(rows, t, j);
+    };
+    auto for_each_run = [&](const uint16_t* cache, const uint16_t* then_rows, int64_t then_count, auto&& visit) {
+      for (int64_t position = piece.begin; position < piece.end;) {
+        const int64_t count = run_length(position), next = position + count;
+        const bool last = next >= piece.end;
+        const uint16_t* next_rows = last ? then_rows : cache + slot_of(next) * token_stride;
+        const int64_t next_count = last ? then_count : run_length(next);
+        visit(position - piece.begin, count, slot_of(position), next_rows, next_count);
+        prefetch_rest(next_rows, count, next_count);
+        position = next;
+      }
+    };
 
-      for_each_run(k_data, v_data + slot_of(0) * token_stride + first_kv_head * kDim, run_length(0),
-                   [&](int64_t first, int64_t count, int64_t slot, const uint16_t* next_rows, int64_t next_count) {
-        for (int64_t j = 0; j < tasks.heads_per_task; ++j) {
-          const uint16_t* keys = k_data + slot * token_stride + (first_kv_head + j) * kDim;
-          __m512bh q[kGroup][kPairs];
-          for (int64_t g = 0; g < kGroup; ++g)
-            for (int64_t c = 0; c < kPairs; ++c)
-              q[g][c] = (__m512bh)_mm512_loadu_si512(q_task + (j * kGroup + g) * kDim + 32 * c);
-          for (int64_t t = 0; t < count; ++t) {
-            if (t < next_count) prefetch_row(next_rows, t, j);
-            __m512bh k[kPairs];
-            for (int64_t c = 0; c < kPairs; ++c)
-              k[c] = (__m512bh)_mm512_loadu_si512(keys + t * token_stride + 32 * c);
-            for (int64_t g = 0; g < kGroup; ++g) {
-              __m512 acc = _mm512_setzero_ps();
-              for (int64_t c = 0; c < kPairs; ++c) acc = _mm512_dpbf16_ps(acc, k[c], q[g][c]);
-              partial[g][t] = (floatv)acc;
-            }
-          }
+    for_each_run(k_data, v_data + slot_of(piece.begin) * token_stride, run_length(piece.begin),
+                 [&](int64_t first, int64_t count, int64_t slot, const uint16_t* next_rows, int64_t next_count) {
+      for (int64_t j = 0; j < num_kv_heads; ++j) {
+        const uint16_t* keys = k_data + slot * token_stride + j * kDim;
+        __m512bh q[kGroup][kPairs];
+        for (int64_t g = 0; g < kGroup; ++g)
+          for (int64_t c = 0; c < kPairs; ++c)
+            q[g][c] = (__m512bh)_mm512_loadu_si512(q_req + (j * kGroup + g) * kDim + 32 * c);
+        for (int64_t t = 0; t < count; ++t) {
+          if (t < next_count) prefetch_row(next_rows, t, j);
+          __m512bh k[kPairs];
+          for (int64_t c = 0; c < kPairs; ++c)
+            k[c] = (__m512bh)_mm512_loadu_si512(keys + t * token_stride + 32 * c);
           for (int64_t g = 0; g < kGroup; ++g) {
-            for (int64_t t = count; t < kLanes; ++t) partial[g][t] = floatv{};
-            float sums[kLanes];
-            sum_each(partial[g], sums);
-            float* s = scores.data() + (j * kGroup + g) * seq_len + first;
-            for (int64_t t = 0; t < count; ++t) s[t] = sums[t] * scale_f;
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t c = 0; c < kPairs; ++c) acc = _mm512_dpbf16_ps(acc, k[c], q[g][c]);
+            partial[g][t] = (floatv)acc;
           }
         }
-      });
-
-      for (int64_t h = 0; h < task_heads; ++h) {  // softmax over each query head's scores
-        softmax_in_place(scores.data() + h * seq_len, seq_len);
-      }
-
-      std::fill(out_rows.begin(), out_rows.end(), 0.f);
-      const uint16_t* next_task_rows = nullptr;  // the next task's first run of keys
-      int64_t next_task_count = 0;
-      if (task + 1 < end) {
-        const int64_t next_req = (task + 1) / tasks.tasks_per_req;
-        const int64_t next_kv_head = ((task + 1) % tasks.tasks_per_req) * tasks.heads_per_task;
-        next_task_rows = k_data + static_cast<int64_t>(tables[next_req * max_blocks]) * block_size * token_stride +
-                         next_kv_head * kDim;
-        next_task_count = std::min<int64_t>({kLanes, lens[next_req], block_size});
-      }
-      for_each_run(v_data, next_task_rows, next_task_count, [&](int64_t first, int64_t count, int64_t slot,
-                                                                const uint16_t* next_rows, int64_t next_count) {
-        for (int64_t j = 0; j < tasks.heads_per_task; ++j) {
-          const uint16_t* values = v_data + slot * token_stride + (first_kv_head + j) * kDim;
-          const float* p = scores.data() + j * kGroup * seq_len + first;
-          float* o = out_rows.data() + j * kGroup * kDim;
-          for (int64_t c0 = 0; c0 < kVectors; c0 += kHeld) {
-            __m512 acc[kGroup][kHeld];
-            for (int64_t g = 0; g < kGroup; ++g)
-              for (int64_t c = 0; c < kHeld; ++c) acc[g][c] = _mm512_loadu_ps(o + g * kDim + (c0 + c) * kLanes);
-            for (int64_t t = 0; t < count; ++t) {
-              if (c0 == 0 && t < next_count) prefetch_row(next_rows, t, j);
-              for (int64_t c = 0; c < kHeld; ++c) {
-                const __m256i raw = _mm256_loadu_si256(
-                    reinterpret_cast<const __m256i*>(values + t * token_stride + (c0 + c) * kLanes));
-                const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-                for (int64_t g = 0; g < kGroup; ++g)
-                  acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * seq_len + t]), v, acc[g][c]);
-              }
-            }
-            for (int64_t g = 0; g < kGroup; ++g)
-              for (int64_t c = 0; c < kHeld; ++c) _mm512_storeu_ps(o + g * kDim + (c0 + c) * kLanes, acc[g][c]);
-          }
+        for (int64_t g = 0; g < kGroup; ++g) {
+          for (int64_t t = count; t < kLanes; ++t) partial[g][t] = floatv{};
+          float sums[kLanes];
+          sum_each(partial[g], sums);
+          float* s = scores.data() + (j * kGroup + g) * length + first;
+          for (int64_t t = 0; t < count; ++t) s[t] = sums[t] * scale_f;
         }
-      });
-      c10::BFloat16* o = out_data + (req * num_heads + first_kv_head * kGroup) * kDim;
-      for (int64_t i = 0; i < task_heads * kDim; ++i) o[i] = static_cast<c10::BFloat16>(out_rows[i]);
+      }
+    });
+
+    for (int64_t h = 0; h < num_heads; ++h)  // softmax over each query head's scores
+      std::tie(maxima[h], totals[h]) = softmax_in_place(scores.data() + h * length, length);
+
+    std::fill(out_rows, out_rows + num_heads * kDim, 0.f);
+    const uint16_t* next_piece_rows = nullptr;  // the next piece's first run of keys
+    int64_t next_piece_count = 0;
+    if (next_piece != nullptr) {
+      const int64_t position = next_piece->begin;
+      const int64_t block = tables[next_piece->req * max_blocks + position / block_size];
+      next_piece_rows = k_data + (block * block_size + position % block_size) * token_stride;
+      next_piece_count = std::min({kLanes, next_piece->end - position, block_size - position % block_size});
     }
+    for_each_run(v_data, next_piece_rows, next_piece_count, [&](int64_t first, int64_t count, int64_t slot,
+                                                              const uint16_t* next_rows, int64_t next_count) {
+      for (int64_t j = 0; j < num_kv_heads; ++j) {
+        const uint16_t* values = v_data + slot * token_stride + j * kDim;
+        const float* p = scores.data() + j * kGroup * length + first;
+        float* o = out_rows + j * kGroup * kDim;
+        for (int64_t c0 = 0; c0 < kVectors; c0 += kHeld) {
+          __m512 acc[kGroup][kHeld];
+          for (int64_t g = 0; g < kGroup; ++g)
+            for (int64_t c = 0; c < kHeld; ++c) acc[g][c] = _mm512_loadu_ps(o + g * kDim + (c0 + c) * kLanes);
+          for (int64_t t = 0; t < count; ++t) {
+            if (c0 == 0 && t < next_count) prefetch_row(next_rows, t, j);
+            for (int64_t c = 0; c < kHeld; ++c) {
+              const __m256i raw = _mm256_loadu_si256(
+                  reinterpret_cast<const __m256i*>(values + t * token_stride + (c0 + c) * kLanes));
+              const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+              for (int64_t g = 0; g < kGroup; ++g)
+                acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * length + t]), v, acc[g][c]);
+            }
+          }
+          for (int64_t g = 0; g < kGroup; ++g)
+            for (int64_t c = 0; c < kHeld; ++c) _mm512_storeu_ps(o + g * kDim + (c0 + c) * kLanes, acc[g][c]);
+        }
+      }
+    });
+    };
   });
 }
 
@@ -615,6 +701,12 @@ void paged_decode_attention(
   TORCH_CHECK(block_tables.is_contiguous() && seq_lens.is_contiguous(), "tables must be contiguous");
   TORCH_CHECK(query.size(1) % key_cache.size(2) == 0, "num_heads must be a multiple of num_kv_heads");
   TORCH_CHECK(key_cache.scalar_type() == query.scalar_type() && out.scalar_type() == query.scalar_type(), "one dtype");
+  TORCH_CHECK(seq_lens.size(0) == query.size(0) && block_tables.size(0) == query.size(0),
+              "one block table and length per query");
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  for (int64_t i = 0; i < seq_lens.size(0); ++i)
+    TORCH_CHECK(lens[i] >= 1 && lens[i] <= block_tables.size(1) * key_cache.size(1),
+                "paged_decode_attention: request ", i, " has ", lens[i], " tokens, outside its block table");
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
   if (query.scalar_type() == at::kBFloat16) {
     if (const Bf16AttentionFn kernel = bf16_attention(query.size(2), query.size(1) / key_cache.size(2))) {
