@@ -556,9 +556,10 @@ Bf16AttentionFn bf16_attention(int64_t head_dim, int64_t group) {
 //   glibc's vector exp per key); keys after a row's position are masked out;
 // - p.v: `vdpbf16ps` again, over pairs of keys: the softmax weights (exponentials, before
 //   the division by their sum) are rounded to bf16, as flash attention does for its second
-//   product, and paired per row; the value rows are interleaved once per task into pairs of
-//   keys per dimension; each row accumulates in float32 (4 or 2 rows at a time, to stay in
-//   registers). Half the instructions of widening the values and multiplying in float32.
+//   product, and paired per row; the value rows are interleaved into pairs of keys per
+//   dimension once for all the query heads of a KV head (their tasks run one after another);
+//   each row accumulates in float32 (4 or 2 rows at a time, to stay in registers). Half the
+//   instructions of widening the values and multiplying in float32.
 template <int64_t kDim>
 void prefill_attention_bf16(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                             const at::Tensor& value_cache, const at::Tensor& block_tables,
@@ -590,12 +591,14 @@ void prefill_attention_bf16(at::Tensor& out, const at::Tensor& query, const at::
   };
   std::vector<Task> task_list;
   std::vector<int64_t> cost_before{0};
-  for (int64_t r = 0; r < query_starts.size(0); ++r) {
-    for (int64_t head = 0; head < num_heads; ++head) {
+  for (int64_t r = 0; r < query_starts.size(0); ++r) {  // the heads of a KV head's group in a row, so
+    for (int64_t kv_head = 0; kv_head < num_kv_heads; ++kv_head) {  // they share its paired values
       for (int64_t row = 0; row < q_lens[r]; row += kLanes) {
-        task_list.push_back({r, head, row});
-        const int64_t keys = lens[r] - q_lens[r] + std::min<int64_t>(row + kLanes, q_lens[r]);
-        cost_before.push_back(cost_before.back() + keys + 32);
+        for (int64_t head = kv_head * group; head < (kv_head + 1) * group; ++head) {
+          task_list.push_back({r, head, row});
+          const int64_t keys = lens[r] - q_lens[r] + std::min<int64_t>(row + kLanes, q_lens[r]);
+          cost_before.push_back(cost_before.back() + keys + 32);
+        }
       }
     }
   }
@@ -605,6 +608,7 @@ void prefill_attention_bf16(at::Tensor& out, const at::Tensor& query, const at::
     std::vector<float> scores;                       // [key][row]
     std::vector<uint32_t> p_pairs, v_pairs;          // [key pair][row], [key pair][dim]
     std::vector<const uint16_t*> key_rows;
+    const Task* paired = nullptr;  // the task whose keys and values key_rows and v_pairs hold
     for (int64_t index = begin; index < end; ++index) {
       const Task& task = task_list[index];
       const int64_t q_len = q_lens[task.request], seq_len = lens[task.request];
@@ -613,10 +617,34 @@ void prefill_attention_bf16(at::Tensor& out, const at::Tensor& query, const at::
       const int64_t num_keys = first_position + rows;
       const int64_t kv_head = task.head / group;
       const int32_t* table = tables + task.request * max_blocks;
-      key_rows.resize(num_keys);
-      for (int64_t key = 0; key < num_keys; ++key) {
-        const int64_t slot = static_cast<int64_t>(table[key / block_size]) * block_size + key % block_size;
-        key_rows[key] = k_data + slot * token_stride + kv_head * kDim;
+      const bool same_values = paired != nullptr && paired->request == task.request &&
+                               paired->head / group == kv_head && paired->first_row == task.first_row;
+      paired = &task;
+      const int64_t num_pairs = (num_keys + 1) / 2;
+      if (!same_values) {
+        key_rows.resize(num_keys);
+        for (int64_t key = 0; key < num_keys; ++key) {
+          const int64_t slot = static_cast<int64_t>(table[key / block_size]) * block_size + key % block_size;
+          key_rows[key] = k_data + slot * token_stride + kv_head * kDim;
+        }
+        // v_pairs[pair][dim]: the two keys' values of a dimension, as `vdpbf16ps` takes them (a key
+        // past the last is 0)
+        v_pairs.resize(num_pairs * kDim);
+        const __m512i pair_dims_lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                                      39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+        const __m512i pair_dims_hi = _mm512_add_epi16(pair_dims_lo, _mm512_set1_epi16(16));
+        for (int64_t pair = 0; pair < num_pairs; ++pair) {
+          const int64_t key = 2 * pair;
+          const uint16_t* v_even = v_data + (key_rows[key] - k_data);  // the same slot and head
+          const uint16_t* v_odd = key + 1 < num_keys ? v_data + (key_rows[key + 1] - k_data) : nullptr;
+          for (int64_t half = 0; half < kDim / 32; ++half) {
+            const __m512i a = _mm512_loadu_si512(v_even + 32 * half);
+            const __m512i b = v_odd ? _mm512_loadu_si512(v_odd + 32 * half) : _mm512_setzero_si512();
+            uint32_t* dst = v_pairs.data() + pair * kDim + 32 * half;
+            _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(a, pair_dims_lo, b));
+            _mm512_storeu_si512(dst + 16, _mm512_permutex2var_epi16(a, pair_dims_hi, b));
+          }
+        }
       }
 
       // the tile's queries as [pair][row] (rows past the tile stay 0)
@@ -663,34 +691,17 @@ void prefill_attention_bf16(at::Tensor& out, const at::Tensor& query, const at::
         return static_cast<__m512>(x.exp_u20());
       };
 
-      // p.v in bf16 pairs of keys, as `vdpbf16ps` takes them: p_pairs[pair][row] holds the two
-      // keys' weights of a row, v_pairs[pair][dim] the two keys' values of a dimension (a key
-      // past the last is 0 in both)
-      const int64_t num_pairs = (num_keys + 1) / 2;
+      // p.v in bf16 pairs of keys: p_pairs[pair][row] holds the two keys' weights of a row
       p_pairs.resize(num_pairs * kLanes);
-      v_pairs.resize(num_pairs * kDim);
       const __m512i pair_rows = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                                  23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-      const __m512i pair_dims_lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
-                                                    39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-      const __m512i pair_dims_hi = _mm512_add_epi16(pair_dims_lo, _mm512_set1_epi16(16));
       for (int64_t pair = 0; pair < num_pairs; ++pair) {
         const int64_t key = 2 * pair;
-        const bool both = key + 1 < num_keys;
         const __m512 even = weights(key);
-        const __m512 odd = both ? weights(key + 1) : _mm512_setzero_ps();
+        const __m512 odd = key + 1 < num_keys ? weights(key + 1) : _mm512_setzero_ps();
         total_v = _mm512_add_ps(total_v, _mm512_add_ps(even, odd));
         _mm512_storeu_si512(p_pairs.data() + pair * kLanes,
                             _mm512_permutexvar_epi16(pair_rows, (__m512i)_mm512_cvtne2ps_pbh(odd, even)));
-        const uint16_t* v_even = v_data + (key_rows[key] - k_data);  // the same slot and head
-        const uint16_t* v_odd = both ? v_data + (key_rows[key + 1] - k_data) : nullptr;
-        for (int64_t half = 0; half < kDim / 32; ++half) {
-          const __m512i a = _mm512_loadu_si512(v_even + 32 * half);
-          const __m512i b = both ? _mm512_loadu_si512(v_odd + 32 * half) : _mm512_setzero_si512();
-          uint32_t* dst = v_pairs.data() + pair * kDim + 32 * half;
-          _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(a, pair_dims_lo, b));
-          _mm512_storeu_si512(dst + 16, _mm512_permutex2var_epi16(a, pair_dims_hi, b));
-        }
       }
 
       alignas(64) float totals[kLanes];
