@@ -260,11 +260,28 @@ def test_prefills_and_decodes_in_one_step_match_dense_attention(use_kernel, shap
     one-token prompt and a decode, their blocks scattered over the cache: every row matches dense
     causal attention over its request's tokens (query tiles of 16 rows, partial last tiles,
     chunks that start mid-block)."""
+    _check_step_against_dense_attention(use_kernel, shape, [(0, 40), (33, 17), (0, 1), (57, 1)])
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("shape", PREFILL_SHAPES.values(), ids=PREFILL_SHAPES.keys())
+def test_short_chunks_after_long_contexts_match_dense_attention(shape, threads):
+    """Chunks of a few rows after hundreds of cached tokens (a prefix-cache hit, a chat's next
+    turn) beside a fresh prompt: the kernel packs a KV head's query heads into its lanes and
+    extends the paired values from one task to the next; every split over the threads agrees."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_step_against_dense_attention(True, shape, [(300, 5), (0, 29), (211, 2), (97, 24)])
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_step_against_dense_attention(use_kernel, shape, layout):
+    """layout: (tokens cached before the step, tokens in the step) per request."""
     gen = torch.Generator().manual_seed(3)
     heads, kv_heads, dim, block = shape
     backend = _backend(use_kernel)
-    # (tokens cached before the step, tokens in the step) per request
-    layout = [(0, 40), (33, 17), (0, 1), (57, 1)]
     blocks_needed = [-(-(done + new) // block) for done, new in layout]
     num_blocks = sum(blocks_needed) + 3
     order = torch.randperm(num_blocks, generator=gen).tolist()

@@ -545,30 +545,32 @@ Bf16AttentionFn bf16_attention(int64_t head_dim, int64_t group) {
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 // Prefill attention for bf16 caches on CPUs with AVX512-BF16: the query rows of several prompts
 // (or chunks of prompts) attend causally to their requests' cached tokens, read through the
-// block tables (the step's own keys and values are stored before). A task is one query head of
-// 16 consecutive rows of one request; its 16 rows are the 16 lanes of every vector:
-// - q.k: the tile's queries are transposed once into pairs of dimensions x 16 rows, and
+// block tables (the step's own keys and values are stored before). The queries that share a KV
+// head, (row, query head) pairs of one request taken row by row, are the lanes of every vector,
+// 16 to a task; so a short chunk after many cached tokens (a prefix-cache hit, a turn of a chat)
+// fills its lanes with the group's heads rather than leaving most of them empty:
+// - q.k: the task's queries are transposed once into pairs of dimensions x 16 lanes, and
 //   `vdpbf16ps` multiplies each pair with the matching pair of a cached key (broadcast from the
-//   cache): 32 exact products per instruction, 16 rows' scores of one key per register, and
+//   cache): 32 exact products per instruction, 16 lanes' scores of one key per register, and
 //   no horizontal sums;
-// - softmax: per key, one vector holds the 16 rows' scores, so the maximum, exp and sum are
+// - softmax: per key, one vector holds the 16 lanes' scores, so the maximum, exp and sum are
 //   plain vector operations (exp: ATen's exp_u20, inlined, 12-15% faster in all than a call of
-//   glibc's vector exp per key); keys after a row's position are masked out;
+//   glibc's vector exp per key); keys after a lane's position are masked out;
 // - p.v: `vdpbf16ps` again, over pairs of keys: the softmax weights (exponentials, before
 //   the division by their sum) are rounded to bf16, as flash attention does for its second
-//   product, and paired per row; the value rows are interleaved into pairs of keys per
-//   dimension once for all the query heads of a KV head (their tasks run one after another);
-//   each row accumulates in float32 (4 or 2 rows at a time, to stay in registers). Half the
-//   instructions of widening the values and multiplying in float32.
+//   product, and paired per lane; the value rows are interleaved into pairs of keys per
+//   dimension, kept for the next task of the same request and KV head, which extends them to its
+//   own keys; each lane accumulates in float32 (4 or 2 lanes at a time, to stay in registers).
+//   Half the instructions of widening the values and multiplying in float32.
 template <int64_t kDim>
 void prefill_attention_bf16(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
                             const at::Tensor& value_cache, const at::Tensor& block_tables,
                             const at::Tensor& query_starts, const at::Tensor& query_lens,
                             const at::Tensor& seq_lens, double scale) {
-  constexpr int64_t kPairs = kDim / 2;         // bf16 pairs per head row
-  constexpr int64_t kVectors = kDim / 16;      // float32 registers per head row
-  constexpr int64_t kRowsHeld = 16 / kVectors; // p.v rows accumulated at once
-  constexpr float kMasked = -1e30f;            // a masked score (no infinities: -ffast-math)
+  constexpr int64_t kPairs = kDim / 2;          // bf16 pairs per head row
+  constexpr int64_t kVectors = kDim / 16;       // float32 registers per head row
+  constexpr int64_t kLanesHeld = 16 / kVectors; // p.v lanes accumulated at once
+  constexpr float kMasked = -1e30f;             // a masked score (no infinities: -ffast-math)
   const int64_t num_heads = query.size(1);
   const int64_t block_size = key_cache.size(1);
   const int64_t num_kv_heads = key_cache.size(2);
@@ -587,53 +589,66 @@ void prefill_attention_bf16(at::Tensor& out, const at::Tensor& query, const at::
   const float scale_f = static_cast<float>(scale);
 
   struct Task {
-    int64_t request, head, first_row;  // first_row: within the request's query rows
+    int64_t request, kv_head, first_lane;  // lane i of the request: row i / group, head i % group
   };
   std::vector<Task> task_list;
   std::vector<int64_t> cost_before{0};
-  for (int64_t r = 0; r < query_starts.size(0); ++r) {  // the heads of a KV head's group in a row, so
-    for (int64_t kv_head = 0; kv_head < num_kv_heads; ++kv_head) {  // they share its paired values
-      for (int64_t row = 0; row < q_lens[r]; row += kLanes) {
-        for (int64_t head = kv_head * group; head < (kv_head + 1) * group; ++head) {
-          task_list.push_back({r, head, row});
-          const int64_t keys = lens[r] - q_lens[r] + std::min<int64_t>(row + kLanes, q_lens[r]);
-          cost_before.push_back(cost_before.back() + keys + 32);
-        }
+  for (int64_t r = 0; r < query_starts.size(0); ++r) {
+    const int64_t lanes = q_lens[r] * group;
+    for (int64_t kv_head = 0; kv_head < num_kv_heads; ++kv_head) {
+      for (int64_t lane = 0; lane < lanes; lane += kLanes) {
+        task_list.push_back({r, kv_head, lane});
+        const int64_t keys = lens[r] - q_lens[r] + (std::min(lane + kLanes, lanes) - 1) / group + 1;
+        cost_before.push_back(cost_before.back() + keys + 32);
       }
     }
   }
 
   for_balanced_ranges(cost_before, [&](int64_t begin, int64_t end) {
-    std::vector<uint32_t> q_pairs(kPairs * kLanes);  // [pair][row]
-    std::vector<float> scores;                       // [key][row]
-    std::vector<uint32_t> p_pairs, v_pairs;          // [key pair][row], [key pair][dim]
+    std::vector<uint32_t> q_pairs(kPairs * kLanes);  // [pair][lane]
+    std::vector<float> scores;                       // [key][lane]
+    std::vector<uint32_t> p_pairs, v_pairs;          // [key pair][lane], [key pair][dim]
     std::vector<const uint16_t*> key_rows;
-    const Task* paired = nullptr;  // the task whose keys and values key_rows and v_pairs hold
+    // key_rows and v_pairs hold keys [0, built_keys) of this request's KV head
+    int64_t built_request = -1, built_kv_head = -1, built_keys = 0;
     for (int64_t index = begin; index < end; ++index) {
       const Task& task = task_list[index];
       const int64_t q_len = q_lens[task.request], seq_len = lens[task.request];
-      const int64_t rows = std::min<int64_t>(kLanes, q_len - task.first_row);
-      const int64_t first_position = seq_len - q_len + task.first_row;  // of the tile's first row
-      const int64_t num_keys = first_position + rows;
-      const int64_t kv_head = task.head / group;
-      const int32_t* table = tables + task.request * max_blocks;
-      const bool same_values = paired != nullptr && paired->request == task.request &&
-                               paired->head / group == kv_head && paired->first_row == task.first_row;
-      paired = &task;
+      const int64_t context = seq_len - q_len;  // the position of the request's first query row
+      const int64_t count = std::min<int64_t>(kLanes, q_len * group - task.first_lane);  // lanes in use
+      alignas(64) int32_t lane_position[kLanes];  // unused lanes repeat the last used one
+      const uint16_t* lane_query[kLanes];
+      c10::BFloat16* lane_out[kLanes];
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const int64_t lane = task.first_lane + std::min(l, count - 1);
+        const int64_t row = lane / group, head = task.kv_head * group + lane % group;
+        lane_position[l] = static_cast<int32_t>(context + row);
+        lane_query[l] = q_data + (starts[task.request] + row) * row_stride + head * kDim;
+        lane_out[l] = out_data + (starts[task.request] + row) * row_stride + head * kDim;
+      }
+      const int64_t num_keys = lane_position[kLanes - 1] + 1;
       const int64_t num_pairs = (num_keys + 1) / 2;
-      if (!same_values) {
+
+      // the cached keys' rows and the paired values, extended to this task's keys
+      if (task.request != built_request || task.kv_head != built_kv_head) {
+        built_request = task.request;
+        built_kv_head = task.kv_head;
+        built_keys = 0;
+      }
+      if (num_keys > built_keys) {
+        const int32_t* table = tables + task.request * max_blocks;
         key_rows.resize(num_keys);
-        for (int64_t key = 0; key < num_keys; ++key) {
+        for (int64_t key = built_keys; key < num_keys; ++key) {
           const int64_t slot = static_cast<int64_t>(table[key / block_size]) * block_size + key % block_size;
-          key_rows[key] = k_data + slot * token_stride + kv_head * kDim;
+          key_rows[key] = k_data + slot * token_stride + task.kv_head * kDim;
         }
-        // v_pairs[pair][dim]: the two keys' values of a dimension, as `vdpbf16ps` takes them (a key
-        // past the last is 0)
+        // v_pairs[pair][dim]: the two keys' values of a dimension, as `vdpbf16ps` takes them (a
+        // key past the last is 0; the pair that held one is paired again)
         v_pairs.resize(num_pairs * kDim);
         const __m512i pair_dims_lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
                                                       39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
         const __m512i pair_dims_hi = _mm512_add_epi16(pair_dims_lo, _mm512_set1_epi16(16));
-        for (int64_t pair = 0; pair < num_pairs; ++pair) {
+        for (int64_t pair = built_keys / 2; pair < num_pairs; ++pair) {
           const int64_t key = 2 * pair;
           const uint16_t* v_even = v_data + (key_rows[key] - k_data);  // the same slot and head
           const uint16_t* v_odd = key + 1 < num_keys ? v_data + (key_rows[key + 1] - k_data) : nullptr;
@@ -645,35 +660,35 @@ void prefill_attention_bf16(at::Tensor& out, const at::Tensor& query, const at::
             _mm512_storeu_si512(dst + 16, _mm512_permutex2var_epi16(a, pair_dims_hi, b));
           }
         }
+        built_keys = num_keys;
       }
 
-      // the tile's queries as [pair][row] (rows past the tile stay 0)
+      // the task's queries as [pair][lane] (unused lanes stay 0)
       std::fill(q_pairs.begin(), q_pairs.end(), 0u);
-      const uint16_t* q_tile = q_data + (starts[task.request] + task.first_row) * row_stride + task.head * kDim;
-      for (int64_t row = 0; row < rows; ++row) {
-        const auto* pairs = reinterpret_cast<const uint32_t*>(q_tile + row * row_stride);
-        for (int64_t p = 0; p < kPairs; ++p) q_pairs[p * kLanes + row] = pairs[p];
+      for (int64_t l = 0; l < count; ++l) {
+        const auto* pairs = reinterpret_cast<const uint32_t*>(lane_query[l]);
+        for (int64_t p = 0; p < kPairs; ++p) q_pairs[p * kLanes + l] = pairs[p];
       }
 
-      // scores[key][row] = scale * q_row . k_key, 8 keys at a time
+      // scores[key][lane] = scale * q_lane . k_key, 8 keys at a time
       scores.resize(num_keys * kLanes);
       const __m512 scale_v = _mm512_set1_ps(scale_f);
-      const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-      const __m512i positions = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(first_position)));
+      const __m512i positions = _mm512_load_si512(lane_position);
+      const int64_t first_masked = lane_position[0] + 1;  // keys from here are masked in some lanes
       for (int64_t key0 = 0; key0 < num_keys; key0 += 8) {
-        const int64_t count = std::min<int64_t>(8, num_keys - key0);
+        const int64_t keys = std::min<int64_t>(8, num_keys - key0);
         __m512 acc[8];
         for (int64_t k = 0; k < 8; ++k) acc[k] = _mm512_setzero_ps();
         const uint32_t* kp[8];
-        for (int64_t k = 0; k < 8; ++k) kp[k] = reinterpret_cast<const uint32_t*>(key_rows[key0 + std::min(k, count - 1)]);
+        for (int64_t k = 0; k < 8; ++k) kp[k] = reinterpret_cast<const uint32_t*>(key_rows[key0 + std::min(k, keys - 1)]);
         for (int64_t p = 0; p < kPairs; ++p) {
           const __m512bh q = (__m512bh)_mm512_loadu_si512(q_pairs.data() + p * kLanes);
           for (int64_t k = 0; k < 8; ++k) acc[k] = _mm512_dpbf16_ps(acc[k], (__m512bh)_mm512_set1_epi32(kp[k][p]), q);
         }
-        for (int64_t k = 0; k < count; ++k) {
+        for (int64_t k = 0; k < keys; ++k) {
           const int64_t key = key0 + k;
           __m512 s = _mm512_mul_ps(acc[k], scale_v);
-          if (key > first_position) {  // causal: row r sees keys up to first_position + r
+          if (key >= first_masked) {  // causal: a lane sees the keys up to its position
             const __mmask16 hidden = _mm512_cmplt_epi32_mask(positions, _mm512_set1_epi32(static_cast<int32_t>(key)));
             s = _mm512_mask_mov_ps(s, hidden, _mm512_set1_ps(kMasked));
           }
@@ -681,8 +696,8 @@ void prefill_attention_bf16(at::Tensor& out, const at::Tensor& query, const at::
         }
       }
 
-      // softmax over the keys, per row (lane): the maximum here, the exponentials and their sums
-      // below, as they are paired
+      // softmax over the keys, per lane: the maximum here, the exponentials and their sums below,
+      // as they are paired
       __m512 max_v = _mm512_set1_ps(kMasked);
       for (int64_t key = 0; key < num_keys; ++key) max_v = _mm512_max_ps(max_v, _mm512_loadu_ps(scores.data() + key * kLanes));
       __m512 total_v = _mm512_setzero_ps();
@@ -691,42 +706,41 @@ void prefill_attention_bf16(at::Tensor& out, const at::Tensor& query, const at::
         return static_cast<__m512>(x.exp_u20());
       };
 
-      // p.v in bf16 pairs of keys: p_pairs[pair][row] holds the two keys' weights of a row
+      // p.v in bf16 pairs of keys: p_pairs[pair][lane] holds the two keys' weights of a lane
       p_pairs.resize(num_pairs * kLanes);
-      const __m512i pair_rows = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
-                                                 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+      const __m512i pair_lanes = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                                  23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
       for (int64_t pair = 0; pair < num_pairs; ++pair) {
         const int64_t key = 2 * pair;
         const __m512 even = weights(key);
         const __m512 odd = key + 1 < num_keys ? weights(key + 1) : _mm512_setzero_ps();
         total_v = _mm512_add_ps(total_v, _mm512_add_ps(even, odd));
         _mm512_storeu_si512(p_pairs.data() + pair * kLanes,
-                            _mm512_permutexvar_epi16(pair_rows, (__m512i)_mm512_cvtne2ps_pbh(odd, even)));
+                            _mm512_permutexvar_epi16(pair_lanes, (__m512i)_mm512_cvtne2ps_pbh(odd, even)));
       }
 
       alignas(64) float totals[kLanes];
       _mm512_store_ps(totals, total_v);
 
-      // out_row = sum_key p[key][row] v_key / total[row]
-      c10::BFloat16* out_tile = out_data + (starts[task.request] + task.first_row) * row_stride + task.head * kDim;
-      for (int64_t row0 = 0; row0 < rows; row0 += kRowsHeld) {
-        __m512 acc[kRowsHeld][kVectors];
-        for (int64_t r = 0; r < kRowsHeld; ++r)
-          for (int64_t c = 0; c < kVectors; ++c) acc[r][c] = _mm512_setzero_ps();
-        const int64_t last_pair = (std::min<int64_t>(num_keys, first_position + row0 + kRowsHeld) + 1) / 2;
+      // out_lane = sum_key p[key][lane] v_key / total[lane]
+      for (int64_t lane0 = 0; lane0 < count; lane0 += kLanesHeld) {
+        __m512 acc[kLanesHeld][kVectors];
+        for (int64_t l = 0; l < kLanesHeld; ++l)
+          for (int64_t c = 0; c < kVectors; ++c) acc[l][c] = _mm512_setzero_ps();
+        const int64_t last_pair = (lane_position[std::min(lane0 + kLanesHeld, kLanes) - 1] + 2) / 2;
         for (int64_t pair = 0; pair < last_pair; ++pair) {
-          const uint32_t* p = p_pairs.data() + pair * kLanes + row0;
+          const uint32_t* p = p_pairs.data() + pair * kLanes + lane0;
           for (int64_t c = 0; c < kVectors; ++c) {
             const __m512bh v = (__m512bh)_mm512_loadu_si512(v_pairs.data() + pair * kDim + c * 16);
-            for (int64_t r = 0; r < kRowsHeld; ++r)
-              acc[r][c] = _mm512_dpbf16_ps(acc[r][c], v, (__m512bh)_mm512_set1_epi32(p[r]));
+            for (int64_t l = 0; l < kLanesHeld; ++l)
+              acc[l][c] = _mm512_dpbf16_ps(acc[l][c], v, (__m512bh)_mm512_set1_epi32(p[l]));
           }
         }
-        for (int64_t r = 0; r < kRowsHeld && row0 + r < rows; ++r) {
-          const __m512 inv = _mm512_set1_ps(1.f / totals[row0 + r]);
+        for (int64_t l = 0; l < kLanesHeld && lane0 + l < count; ++l) {
+          const __m512 inv = _mm512_set1_ps(1.f / totals[lane0 + l]);
           for (int64_t c = 0; c < kVectors; ++c) {
-            const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][c], inv));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_tile + (row0 + r) * row_stride + c * 16), (__m256i)o);
+            const __m256bh o = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[l][c], inv));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(lane_out[lane0 + l] + c * 16), (__m256i)o);
           }
         }
       }
