@@ -670,8 +670,9 @@ void prefill_attention_bf16(at::Tensor& out, const at::Tensor& query, const at::
         for (int64_t p = 0; p < kPairs; ++p) q_pairs[p * kLanes + l] = pairs[p];
       }
 
-      // scores[key][lane] = scale * q_lane . k_key, 8 keys at a time
+      // scores[key][lane] = scale * q_lane . k_key, 8 keys at a time, and each lane's maximum
       scores.resize(num_keys * kLanes);
+      __m512 running_max = _mm512_set1_ps(kMasked);
       const __m512 scale_v = _mm512_set1_ps(scale_f);
       const __m512i positions = _mm512_load_si512(lane_position);
       const int64_t first_masked = lane_position[0] + 1;  // keys from here are masked in some lanes
@@ -693,13 +694,13 @@ void prefill_attention_bf16(at::Tensor& out, const at::Tensor& query, const at::
             s = _mm512_mask_mov_ps(s, hidden, _mm512_set1_ps(kMasked));
           }
           _mm512_storeu_ps(scores.data() + key * kLanes, s);
+          running_max = _mm512_max_ps(running_max, s);
         }
       }
+      const __m512 max_v = running_max;
 
-      // softmax over the keys, per lane: the maximum here, the exponentials and their sums below,
+      // softmax over the keys, per lane (the maximum is above): the exponentials and their sums,
       // as they are paired
-      __m512 max_v = _mm512_set1_ps(kMasked);
-      for (int64_t key = 0; key < num_keys; ++key) max_v = _mm512_max_ps(max_v, _mm512_loadu_ps(scores.data() + key * kLanes));
       __m512 total_v = _mm512_setzero_ps();
       auto weights = [&](int64_t key) {  // exp(score - max); masked scores give 0
         const at::vec::Vectorized<float> x(_mm512_sub_ps(_mm512_loadu_ps(scores.data() + key * kLanes), max_v));
