@@ -231,6 +231,7 @@ void run_decode_plan(const DecodePlan& plan, int64_t num_heads, int64_t head_dim
     }
   });
   // each split request: out_h = sum_p w_p o_ph / sum_p w_p, w_p = total_ph * exp(max_ph - max_h)
+  if (plan.splits.empty()) return;
   std::vector<float> merged(head_dim);
   for (const auto& [req, first_part, parts] : plan.splits) {
     for (int64_t h = 0; h < num_heads; ++h) {
