@@ -1,10 +1,15 @@
-"""benchmarks/linear_kernels.py and benchmarks/attention_kernels.py run end to end on tiny settings."""
+"""The kernel benchmarks (benchmarks/linear_kernels.py, attention_kernels.py, decoder_stack_step.py)
+run end to end on tiny settings."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+
+import pytest
+
+from tessera.backends.cpu import group_quant_linear as cpu_quant
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks")
 
@@ -40,3 +45,12 @@ def test_attention_kernels_prints_decode_and_prefill_tables() -> None:
         kernel, layer_call = (float(cell.replace(",", "")) for cell in rows[0].strip("|").split("|")[1:3])
         assert kernel > 0 and layer_call > 0
     assert "| 600 |" in out
+
+
+def test_decoder_stack_step_prints_one_row_per_batch() -> None:
+    if not cpu_quant.kernel_available():
+        pytest.skip("the decoder stack needs the CPU kernels (AVX512-BF16, VNNI, a C++ build)")
+    out = _run("decoder_stack_step.py", "--requests", "1", "3", "--context", "20", "--calls", "2")
+    rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [r[0].strip() for r in rows] == ["1 x 20", "3 x 20"]
+    assert all(float(r[1]) > 0 for r in rows)

@@ -19,8 +19,17 @@
 // Rounding follows the model's ops: the residual stream and every op's output are bf16; norms,
 // rotation and the activation compute in fp32 and round once (as inductor's fused loops do).
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// ATen's AVX-512 vector types, for exp_u20 (as in csrc/paged_attention.cpp)
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#endif
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#if defined(CPU_CAPABILITY_AVX512)
+#include <ATen/cpu/vec/vec.h>
+#include <immintrin.h>
+#endif
 
 #include <cmath>
 #include <cstdint>
@@ -76,6 +85,17 @@ struct Layer {
   Linear qkv, o, gate_up, down;
 };
 
+#if defined(CPU_CAPABILITY_AVX512)
+// 16 values at a time, widened to fp32 and rounded back as the scalar loops below do (bf16's
+// constructor and `vcvtneps2bf16` both round to nearest even). Without these the loops call
+// glibc's vector exp through the PLT and convert bf16 one value at a time: the activation alone
+// was ~6% of a 32-row decode step's samples (`perf`, docs/benchmarks.md).
+constexpr int64_t kLanes = 16;
+inline __m512 load16(const bf16* p) { return _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline void store16(bf16* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v)); }
+inline __m512 round_to_bf16(__m512 v) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v)); }
+#endif
+
 // With `add`: residual += add (rounded to bf16). Then out = RMSNorm(residual) * weight.
 // residual, add, out: (rows, dim) contiguous; weight: (dim,).
 void add_rms_norm(bf16* residual, const bf16* add, const bf16* weight, bf16* out, int64_t rows, int64_t dim,
@@ -84,13 +104,32 @@ void add_rms_norm(bf16* residual, const bf16* add, const bf16* weight, bf16* out
     for (int64_t r = begin; r < end; ++r) {
       bf16* x = residual + r * dim;
       float sum_sq = 0.f;
-      for (int64_t i = 0; i < dim; ++i) {
+      int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+      __m512 squares = _mm512_setzero_ps();
+      for (; i + kLanes <= dim; i += kLanes) {
+        __m512 v = load16(x + i);
+        if (add != nullptr) {
+          v = round_to_bf16(_mm512_add_ps(v, load16(add + r * dim + i)));
+          store16(x + i, v);
+        }
+        squares = _mm512_fmadd_ps(v, v, squares);
+      }
+      sum_sq = _mm512_reduce_add_ps(squares);
+#endif
+      for (; i < dim; ++i) {
         if (add != nullptr) x[i] = bf16(float(x[i]) + float(add[r * dim + i]));
         const float v = float(x[i]);
         sum_sq += v * v;
       }
       const float inv_rms = 1.f / std::sqrt(sum_sq / float(dim) + eps);
-      for (int64_t i = 0; i < dim; ++i) out[r * dim + i] = bf16(float(weight[i]) * float(bf16(float(x[i]) * inv_rms)));
+      i = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+      const __m512 inv = _mm512_set1_ps(inv_rms);
+      for (; i + kLanes <= dim; i += kLanes)
+        store16(out + r * dim + i, _mm512_mul_ps(load16(weight + i), round_to_bf16(_mm512_mul_ps(load16(x + i), inv))));
+#endif
+      for (; i < dim; ++i) out[r * dim + i] = bf16(float(weight[i]) * float(bf16(float(x[i]) * inv_rms)));
     }
   });
 }
@@ -115,7 +154,15 @@ void split_rotate(const bf16* qkv, const int64_t* positions, const bf16* cos, co
         for (int64_t h = 0; h < heads; ++h) {
           const bf16* x = src + h * head_dim;
           bf16* y = dst + h * head_dim;
-          for (int64_t i = 0; i < half; ++i) {
+          int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+          for (; i + kLanes <= half; i += kLanes) {
+            const __m512 x1 = load16(x + i), x2 = load16(x + i + half);
+            store16(y + i, _mm512_fmsub_ps(x1, load16(c + i), _mm512_mul_ps(x2, load16(s + i))));
+            store16(y + i + half, _mm512_fmadd_ps(x2, load16(c + i + half), _mm512_mul_ps(x1, load16(s + i + half))));
+          }
+#endif
+          for (; i < half; ++i) {
             const float x1 = float(x[i]), x2 = float(x[i + half]);
             y[i] = bf16(x1 * float(c[i]) - x2 * float(s[i]));
             y[i + half] = bf16(x2 * float(c[i + half]) + x1 * float(s[i + half]));
@@ -136,7 +183,16 @@ void silu_mul(const bf16* gate_up, bf16* out, int64_t rows, int64_t width) {
     for (int64_t r = begin; r < end; ++r) {
       const bf16* g = gate_up + r * 2 * width;
       const bf16* u = g + width;
-      for (int64_t i = 0; i < width; ++i) {
+      int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+      const __m512 one = _mm512_set1_ps(1.f);
+      for (; i + kLanes <= width; i += kLanes) {
+        const __m512 x = load16(g + i);
+        const __m512 e = static_cast<__m512>(at::vec::Vectorized<float>(_mm512_sub_ps(_mm512_setzero_ps(), x)).exp_u20());
+        store16(out + r * width + i, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), load16(u + i)));
+      }
+#endif
+      for (; i < width; ++i) {
         const float x = float(g[i]);
         out[r * width + i] = bf16(x / (1.f + std::exp(-x)) * float(u[i]));
       }
