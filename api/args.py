@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 from tessera.api.config_file import read_config_file
 from tessera.api.serve_flags import (
-    DEFAULT_MAX_NUM_BATCHED_TOKENS,
     REGISTRY_FLAGS,
     HelpFormatter,
     RegistryFlag,
@@ -297,12 +296,9 @@ def engine_config_from_args(ns: argparse.Namespace) -> EngineConfig:
     enable_chunked_prefill = (
         True if ns.enable_chunked_prefill is None else ns.enable_chunked_prefill
     )
+    # None: the device platform's default, which the engine raises to max_model_len when
+    # chunked prefill is off (a whole prompt must fit in one step)
     max_num_batched_tokens = ns.max_num_batched_tokens
-    if max_num_batched_tokens is None:
-        max_num_batched_tokens = DEFAULT_MAX_NUM_BATCHED_TOKENS
-        if not enable_chunked_prefill and ns.max_model_len is not None:
-            # a whole prompt must fit in one step
-            max_num_batched_tokens = max(max_num_batched_tokens, ns.max_model_len)
     # An explicit `--quantization None` is "none": no method, not even a loader's default.
     quantization = "none" if ns.quantization == "None" else ns.quantization
     kv_cache_space = (

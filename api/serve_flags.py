@@ -13,8 +13,6 @@ from typing import Any
 
 from tessera.core.config import BLOCK_SIZE_CHOICES, DTYPE_CHOICES, LOAD_FORMAT_CHOICES
 
-DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
-
 # vLLM's names for the registry-backed flags. These flags take any name a plugin registers (so a
 # third-party plugin adds a choice); the names below are what `vllm serve` lists.
 QUANTIZATION_NAMES = tuple(
@@ -470,8 +468,8 @@ def _add_scheduler_args(parser: argparse.ArgumentParser) -> None:
         "--max-num-batched-tokens",
         type=int,
         default=None,
-        help=f"Tokens per step (default: {DEFAULT_MAX_NUM_BATCHED_TOKENS}; without chunked prefill at "
-        "least --max-model-len).",
+        help="Tokens per step (default: the device platform's, 512 on CPUs and 2048 elsewhere; without "
+        "chunked prefill at least --max-model-len).",
     )
     group.add_argument("--max-num-seqs", type=int, default=256, help="Sequences per step.")
     group.add_argument(

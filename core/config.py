@@ -139,7 +139,7 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int | None = None  # None: the device platform's default
     max_num_seqs: int = 256
     max_model_len: int = 2048  # filled in from the model by the engine
     enable_chunked_prefill: bool = True
@@ -147,7 +147,7 @@ class SchedulerConfig:
     max_waiting_requests: int = 1024  # bound of the waiting queue; beyond it requests get 429
 
     def __post_init__(self) -> None:
-        if self.max_num_batched_tokens < 1:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             _fail("max_num_batched_tokens", self.max_num_batched_tokens, "must be >= 1")
         if self.max_num_seqs < 1:
             _fail("max_num_seqs", self.max_num_seqs, "must be >= 1")
@@ -155,7 +155,8 @@ class SchedulerConfig:
             _fail("preemption_mode", self.preemption_mode, "choose recompute or swap")
         if self.max_waiting_requests < 1:
             _fail("max_waiting_requests", self.max_waiting_requests, "must be >= 1")
-        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+        budget = self.max_num_batched_tokens
+        if not self.enable_chunked_prefill and budget is not None and budget < self.max_model_len:
             _fail(
                 "max_num_batched_tokens", self.max_num_batched_tokens,
                 f"without chunked prefill it must be >= max_model_len ({self.max_model_len})",

@@ -39,7 +39,9 @@ a few of its own (group "tessera" below). The differences from vLLM, all deliber
   default is off.
 - **Chunked prefill is on by default** (`--enable-chunked-prefill false` turns it off; then
   `--max-num-batched-tokens` defaults to at least `--max-model-len`).
-  `--max-num-batched-tokens` defaults to 2048.
+  `--max-num-batched-tokens` defaults to the device platform's choice: 512 tokens a step on
+  CPUs, where a 512-token step already runs the matmuls at their full rate and a larger one only
+  holds back first tokens and decoding (docs/benchmarks.md); 2048 for other platforms.
 - **Nothing is accepted and ignored.** A flag whose feature is not built exits with an error that
   names the flag (table "Not built yet" below); its default value is always accepted.
 - **Plugin-backed names are open.** `--device`, `--quantization`, `--tool-call-parser`,

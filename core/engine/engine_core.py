@@ -59,8 +59,9 @@ class EngineCore:
         self.last_step_time = time.monotonic()
         self.platform.release_host_memory()
         logger.info(
-            "engine ready: %s, %d KV blocks of %d tokens (%d swap blocks), max_model_len %d",
+            "engine ready: %s, %d KV blocks of %d tokens (%d swap blocks), max_model_len %d, up to %d tokens a step",
             loaded.model_path, num_blocks, config.cache.block_size, num_swap_blocks, loaded.max_model_len,
+            scheduler_config.max_num_batched_tokens,
         )
 
     def _size_kv_cache(self, loaded) -> tuple[int, int]:
@@ -88,10 +89,12 @@ class EngineCore:
 
     def _scheduler_config(self, max_model_len: int):
         sched = self.config.scheduler
-        changes: dict = {"max_model_len": max_model_len}
-        if not sched.enable_chunked_prefill and sched.max_num_batched_tokens < max_model_len:
-            changes["max_num_batched_tokens"] = max_model_len
-        return dataclasses.replace(sched, **changes)
+        budget = sched.max_num_batched_tokens
+        if budget is None:
+            budget = self.platform.default_max_num_batched_tokens
+        if not sched.enable_chunked_prefill:  # a whole prompt must fit in one step
+            budget = max(budget, max_model_len)
+        return dataclasses.replace(sched, max_model_len=max_model_len, max_num_batched_tokens=budget)
 
     # -- requests -----------------------------------------------------------------------------
     def add_request(self, request: EngineCoreRequest) -> EngineCoreOutput | None:

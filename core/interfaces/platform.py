@@ -16,6 +16,9 @@ class Platform(ABC):
     name: str = "abstract"
     device_type: str = "cpu"  # the torch device type
     priority: int = 0
+    # Tokens per engine step when `--max-num-batched-tokens` is not given: where the device's
+    # matmuls reach their full rate, larger steps only delay first tokens and stall decoding.
+    default_max_num_batched_tokens: int = 2048
 
     @classmethod
     @abstractmethod

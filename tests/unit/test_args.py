@@ -359,9 +359,8 @@ def test_engine_config_mapping(monkeypatch):
     assert config.cache.block_size == 32 and config.cache.enable_prefix_caching is False
     assert config.cache.kv_cache_space_gib == 1.5
     assert config.scheduler.max_num_seqs == 4 and config.scheduler.max_waiting_requests == 3
-    assert (
-        config.scheduler.max_num_batched_tokens == 2048 and config.scheduler.enable_chunked_prefill
-    )
+    # not given: None, the device platform's default (EngineCore resolves it)
+    assert config.scheduler.max_num_batched_tokens is None and config.scheduler.enable_chunked_prefill
     assert config.plugin_modules == ("mod",)
 
 
@@ -378,7 +377,7 @@ def test_kv_cache_space_from_env_unless_given(monkeypatch):
 
 def test_batched_tokens_without_chunked_prefill():
     ns = parse_serve_args(["--enable-chunked-prefill", "false", "--max-model-len", "4096"])
-    assert engine_config_from_args(ns).scheduler.max_num_batched_tokens == 4096
+    assert engine_config_from_args(ns).scheduler.max_num_batched_tokens is None  # the engine makes it 4096
     ns = parse_serve_args(
         [
             "--enable-chunked-prefill",

@@ -122,6 +122,7 @@ def make_scheduler(
     **config: object,
 ) -> Scheduler:
     config.setdefault("max_model_len", 256)
+    config.setdefault("max_num_batched_tokens", 2048)
     kv = KVCacheManager(CacheConfig(block_size=BS, enable_prefix_caching=prefix), num_blocks, swap_blocks)
     return Scheduler(SchedulerConfig(**config), kv)  # type: ignore[arg-type]
 
