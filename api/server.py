@@ -35,6 +35,7 @@ from tessera.api.serving_completions import ServingCompletions
 from tessera.api.serving_models import ServingModels
 from tessera.api.serving_tokenize import ServingTokenize
 from tessera.core.engine.client import EngineClient
+from tessera.core.engine.core_client import LOG_FORMAT
 from tessera.core.errors import ConfigError, EngineDeadError, ModelNotFoundError, TesseraError
 from tessera.core.interfaces.tokenizer import Tokenizer
 
@@ -320,7 +321,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def run_server(ns: Any) -> int:
     """`tessera serve`: build the engine from the parsed flags and serve until stopped."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # while the engine loads: unwind, shutting it down
     try:

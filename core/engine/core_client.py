@@ -20,6 +20,10 @@ from tessera.core.engine.types import EngineCoreOutput
 
 logger = logging.getLogger(__name__)
 
+# How tessera's processes log (`tessera serve` sets it up in the API process; the engine-core
+# process repeats it at the level its parent had, so its start-up and warnings show too).
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
 # Called (on the thread that owns the client) with one step's outputs and the core's stats.
 OutputHandler = Callable[[list[EngineCoreOutput], EngineStats], None]
 
@@ -102,9 +106,11 @@ class InprocCoreClient:
             self._thread.join(timeout=30)
 
 
-def _engine_process_main(config: EngineConfig, input_address: str, output_address: str) -> None:
+def _engine_process_main(config: EngineConfig, input_address: str, output_address: str, log_level: int) -> None:
     """Entry point of the engine-core process: build the core, report ready, loop."""
     import zmq
+
+    logging.basicConfig(level=log_level, format=LOG_FORMAT)
 
     context = zmq.Context()
     inputs = context.socket(zmq.PULL)
@@ -153,7 +159,8 @@ class MultiprocCoreClient:
         self._output.bind(output_address)
         spawn = multiprocessing.get_context("spawn")
         self._process = spawn.Process(
-            target=_engine_process_main, args=(config, input_address, output_address),
+            target=_engine_process_main,
+            args=(config, input_address, output_address, logging.getLogger().getEffectiveLevel()),
             name="tessera-engine-core", daemon=True,
         )
         self._process.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 
@@ -120,3 +121,16 @@ def test_beam_search_through_the_async_engine_equals_offline(model_dir):
     assert len(outputs) == 1 and outputs[0].finished
     assert [c.token_ids for c in outputs[0].outputs] == [c.token_ids for c in offline.outputs]
     assert engine.stats().num_used_blocks == 0
+
+
+def test_the_engine_process_logs_at_its_parents_level(model_dir, capfd):
+    # `tessera serve` logs at INFO; the engine-core process follows, so its start-up line shows
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        engine = _engine(model_dir, use_process=True)
+        asyncio.run(engine.shutdown())
+    finally:
+        root.setLevel(level)
+    assert "INFO tessera.core.engine.engine_core: engine ready" in capfd.readouterr().err
