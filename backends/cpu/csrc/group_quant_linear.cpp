@@ -139,11 +139,15 @@ inline void bf16_block_rows(const uint32_t* x_pairs, int64_t pairs_per_row, cons
   const __m512 shift = _mm512_set1_ps(128.0f);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  // One pointer per row, advanced a group at a time: each broadcast below is then that pointer
+  // plus a constant. Indexing x_pairs by row and pair instead had the compiler keep 128 addresses,
+  // spilled to the stack and reloaded before every broadcast.
+  const uint32_t* xr[R];
+  for (int r = 0; r < R; ++r) xr[r] = x_pairs + r * pairs_per_row;
   for (int64_t g = 0; g < groups; ++g) {
     __m512 dot[R];
     for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_ps();
     const uint8_t* w = weights + g * k4BitGroupBytes;
-    const uint32_t* xg = x_pairs + g * (kGroup / 2);
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) {
       const __m512i bytes = _mm512_loadu_si512(w + 64 * c);
@@ -154,11 +158,12 @@ inline void bf16_block_rows(const uint32_t* x_pairs, int64_t pairs_per_row, cons
           (__m512bh)_mm512_unpacklo_epi8(hi, bf16_128), (__m512bh)_mm512_unpackhi_epi8(hi, bf16_128)};
       for (int t = 0; t < 4; ++t) {
         for (int r = 0; r < R; ++r) {
-          const __m512bh xx = (__m512bh)_mm512_set1_epi32(xg[r * pairs_per_row + 4 * c + t]);
+          const __m512bh xx = (__m512bh)_mm512_set1_epi32(xr[r][4 * c + t]);
           dot[r] = _mm512_dpbf16_ps(dot[r], pair[t], xx);
         }
       }
     }
+    for (int r = 0; r < R; ++r) xr[r] += kGroup / 2;
     const at::Half* dm = scales_mins + g * 2 * kBlock;  // 16 d, then 16 m
     const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm)));
     const __m512 min = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + kBlock)));
