@@ -60,18 +60,23 @@ constexpr int k4BitGroupBytes = 256;   // one group of one column block, 4-bit c
 constexpr int k8BitGroupBytes = 512;   // the same, 8-bit codes
 constexpr int kMaxRows = 8;            // rows sharing each decoded weight register
 
-// The activations in 8 bits: per row and group, x ~ scale * q.
+// The activations in 8 bits: per row and group, x ~ scale * q, arranged for the kernel. Rows go
+// in chunks of kMaxRows; within a chunk, per group, quad c (4 inputs) of row r is at [c][r] and
+// the rows' scales and scaled sums follow the same order, so each broadcast in the kernel is one
+// pointer plus a constant (indexed by row and group, GCC had spilled the addresses to the stack).
 struct QuantizedRows {
-  std::vector<int8_t> q;           // (rows, K)
-  std::vector<float> scale;        // (rows, groups)
-  std::vector<float> scaled_sum;   // (rows, groups): scale * sum of the group's q
+  std::vector<int32_t> quads;      // (chunks, groups, kQuads, kMaxRows)
+  std::vector<float> scale;        // (chunks, groups, kMaxRows)
+  std::vector<float> scaled_sum;   // (chunks, groups, kMaxRows): scale * sum of the group's q
 };
 
 QuantizedRows quantize_rows(const at::BFloat16* x, int64_t rows, int64_t in_features) {
   const int64_t groups = in_features / kGroup;
-  QuantizedRows out{std::vector<int8_t>(rows * in_features), std::vector<float>(rows * groups),
-                    std::vector<float>(rows * groups)};
+  const int64_t chunks = (rows + kMaxRows - 1) / kMaxRows;
+  QuantizedRows out{std::vector<int32_t>(chunks * groups * kQuads * kMaxRows),
+                    std::vector<float>(chunks * groups * kMaxRows), std::vector<float>(chunks * groups * kMaxRows)};
   for (int64_t m = 0; m < rows; ++m) {
+    const int64_t chunk = m / kMaxRows, r = m % kMaxRows;
     for (int64_t g = 0; g < groups; ++g) {
       const at::BFloat16* src = x + m * in_features + g * kGroup;
       const __m512 lo = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
@@ -80,12 +85,14 @@ QuantizedRows quantize_rows(const at::BFloat16* x, int64_t rows, int64_t in_feat
       const __m512 inverse = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
       const __m512i q_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inverse));  // rounds to nearest even
       const __m512i q_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inverse));
-      int8_t* dst = out.q.data() + m * in_features + g * kGroup;
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtsepi32_epi8(q_lo));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtsepi32_epi8(q_hi));
+      int32_t group_quads[kQuads];
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(group_quads), _mm512_cvtsepi32_epi8(q_lo));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(group_quads + 4), _mm512_cvtsepi32_epi8(q_hi));
+      const int64_t at = chunk * groups + g;
+      for (int c = 0; c < kQuads; ++c) out.quads[(at * kQuads + c) * kMaxRows + r] = group_quads[c];
       const float scale = amax / 127.0f;
-      out.scale[m * groups + g] = scale;
-      out.scaled_sum[m * groups + g] = scale * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi)));
+      out.scale[at * kMaxRows + r] = scale;
+      out.scaled_sum[at * kMaxRows + r] = scale * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi)));
     }
   }
   return out;
@@ -99,30 +106,32 @@ inline void store_block_row(at::BFloat16* y, __m512 values) {
 }
 inline void store_block_row(float* y, __m512 values) { _mm512_storeu_ps(y, values); }
 
-// 8-bit codes, 8-bit activations: one block of 16 columns for R rows.
+// 8-bit codes, 8-bit activations: one block of 16 columns for R rows of one chunk of QuantizedRows.
 template <int R, typename Out>
-inline void int8_block_rows(const int32_t* x_quads, int64_t quads_per_row, const float* x_scale, const float* x_sum,
-                       int64_t groups, const uint8_t* weights, const at::Half* scales_mins, const float* bias,
-                       Out* y, int64_t ldy) {
+inline void int8_block_rows(const int32_t* x_quads, const float* x_scale, const float* x_sum, int64_t groups,
+                            const uint8_t* weights, const at::Half* scales_mins, const float* bias, Out* y,
+                            int64_t ldy) {
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* w = weights + g * k8BitGroupBytes;
-    __m512i q[kQuads];
-    for (int c = 0; c < kQuads; ++c) q[c] = _mm512_loadu_si512(w + 64 * c);
+    const int32_t* xg = x_quads + g * kQuads * kMaxRows;
     __m512i dot[R];
     for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_si512();
-    const int32_t* xg = x_quads + g * kQuads;
-    for (int c = 0; c < kQuads; ++c)
-      for (int r = 0; r < R; ++r)
-        dot[r] = _mm512_dpbusd_epi32(dot[r], q[c], _mm512_set1_epi32(xg[r * quads_per_row + c]));
+#pragma GCC unroll 8
+    for (int c = 0; c < kQuads; ++c) {
+      const __m512i q = _mm512_loadu_si512(w + 64 * c);
+      for (int r = 0; r < R; ++r) dot[r] = _mm512_dpbusd_epi32(dot[r], q, _mm512_set1_epi32(xg[c * kMaxRows + r]));
+    }
     const at::Half* dm = scales_mins + g * 2 * kBlock;  // 16 d, then 16 m
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm)));
     const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + kBlock)));
+    const float* sg = x_scale + g * kMaxRows;
+    const float* mg = x_sum + g * kMaxRows;
     for (int r = 0; r < R; ++r) {
-      const __m512 ds = _mm512_mul_ps(d, _mm512_set1_ps(x_scale[r * groups + g]));
+      const __m512 ds = _mm512_mul_ps(d, _mm512_set1_ps(sg[r]));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), ds, acc[r]);
-      acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(x_sum[r * groups + g]), acc[r]);
+      acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(mg[r]), acc[r]);
     }
   }
   const __m512 b = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
@@ -187,8 +196,8 @@ constexpr Bf16BlockFn<Out> kBf16BlockFns[kMaxRows + 1] = {
     bf16_block_rows<8, Out>};
 
 template <typename Out>
-using Int8BlockFn = void (*)(const int32_t*, int64_t, const float*, const float*, int64_t, const uint8_t*,
-                             const at::Half*, const float*, Out*, int64_t);
+using Int8BlockFn = void (*)(const int32_t*, const float*, const float*, int64_t, const uint8_t*, const at::Half*,
+                             const float*, Out*, int64_t);
 template <typename Out>
 constexpr Int8BlockFn<Out> kInt8BlockFns[kMaxRows + 1] = {
     nullptr,                 int8_block_rows<1, Out>, int8_block_rows<2, Out>, int8_block_rows<3, Out>,
@@ -230,16 +239,16 @@ void int8_linear(const at::BFloat16* xd, int64_t rows, int64_t in_features, int6
                  const at::Half* dm, const float* bias, Out* yd, int64_t out_features) {
   const int64_t groups = in_features / kGroup;
   const QuantizedRows xq = quantize_rows(xd, rows, in_features);
-  const auto* x_quads = reinterpret_cast<const int32_t*>(xq.q.data());
-  const int64_t quads_per_row = in_features / 4;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t m = 0; m < rows; m += kMaxRows) {
         const int64_t count = std::min<int64_t>(kMaxRows, rows - m);
-        kInt8BlockFns<Out>[count](x_quads + m * quads_per_row, quads_per_row, xq.scale.data() + m * groups,
-                             xq.scaled_sum.data() + m * groups, groups, wd + b * groups * k8BitGroupBytes,
-                             dm + b * groups * 2 * kBlock, bias ? bias + b * kBlock : nullptr,
-                             yd + m * out_features + b * kBlock, out_features);
+        const int64_t chunk = m / kMaxRows;
+        kInt8BlockFns<Out>[count](xq.quads.data() + chunk * groups * kQuads * kMaxRows,
+                                  xq.scale.data() + chunk * groups * kMaxRows,
+                                  xq.scaled_sum.data() + chunk * groups * kMaxRows, groups,
+                                  wd + b * groups * k8BitGroupBytes, dm + b * groups * 2 * kBlock,
+                                  bias ? bias + b * kBlock : nullptr, yd + m * out_features + b * kBlock, out_features);
       }
     }
   });
