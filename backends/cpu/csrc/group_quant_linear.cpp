@@ -61,13 +61,14 @@ constexpr int k8BitGroupBytes = 512;   // the same, 8-bit codes
 constexpr int kMaxRows = 8;            // rows sharing each decoded weight register
 
 // The activations in 8 bits: per row and group, x ~ scale * q, arranged for the kernel. Rows go
-// in chunks of kMaxRows; within a chunk, per group, quad c (4 inputs) of row r is at [c][r] and
-// the rows' scales and scaled sums follow the same order, so each broadcast in the kernel is one
-// pointer plus a constant (indexed by row and group, GCC had spilled the addresses to the stack).
+// in chunks of kMaxRows (the last one may be shorter); within a chunk of n rows, per group, quad c
+// (4 inputs) of row r is at [c][r] (index c n + r) and the rows' scales and scaled sums follow the
+// same order, so each broadcast in the kernel is one pointer plus a constant (indexed by row and
+// group, GCC had spilled the addresses to the stack). One row keeps its quads contiguous.
 struct QuantizedRows {
-  std::vector<int32_t> quads;      // (chunks, groups, kQuads, kMaxRows)
-  std::vector<float> scale;        // (chunks, groups, kMaxRows)
-  std::vector<float> scaled_sum;   // (chunks, groups, kMaxRows): scale * sum of the group's q
+  std::vector<int32_t> quads;      // (chunks, groups, kQuads, n), n rows of a chunk
+  std::vector<float> scale;        // (chunks, groups, n), n rows of a chunk
+  std::vector<float> scaled_sum;   // (chunks, groups, n), n rows of a chunk: scale * sum of the group's q
 };
 
 QuantizedRows quantize_rows(const at::BFloat16* x, int64_t rows, int64_t in_features) {
@@ -77,6 +78,10 @@ QuantizedRows quantize_rows(const at::BFloat16* x, int64_t rows, int64_t in_feat
                     std::vector<float>(chunks * groups * kMaxRows), std::vector<float>(chunks * groups * kMaxRows)};
   for (int64_t m = 0; m < rows; ++m) {
     const int64_t chunk = m / kMaxRows, r = m % kMaxRows;
+    const int64_t n = std::min<int64_t>(kMaxRows, rows - chunk * kMaxRows);  // rows in this chunk
+    int32_t* quads = out.quads.data() + chunk * groups * kQuads * kMaxRows;
+    float* scales = out.scale.data() + chunk * groups * kMaxRows;
+    float* sums = out.scaled_sum.data() + chunk * groups * kMaxRows;
     for (int64_t g = 0; g < groups; ++g) {
       const at::BFloat16* src = x + m * in_features + g * kGroup;
       const __m512 lo = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
@@ -88,11 +93,10 @@ QuantizedRows quantize_rows(const at::BFloat16* x, int64_t rows, int64_t in_feat
       int32_t group_quads[kQuads];
       _mm_storeu_si128(reinterpret_cast<__m128i*>(group_quads), _mm512_cvtsepi32_epi8(q_lo));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(group_quads + 4), _mm512_cvtsepi32_epi8(q_hi));
-      const int64_t at = chunk * groups + g;
-      for (int c = 0; c < kQuads; ++c) out.quads[(at * kQuads + c) * kMaxRows + r] = group_quads[c];
+      for (int c = 0; c < kQuads; ++c) quads[(g * kQuads + c) * n + r] = group_quads[c];
       const float scale = amax / 127.0f;
-      out.scale[at * kMaxRows + r] = scale;
-      out.scaled_sum[at * kMaxRows + r] = scale * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi)));
+      scales[g * n + r] = scale;
+      sums[g * n + r] = scale * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi)));
     }
   }
   return out;
@@ -115,19 +119,19 @@ inline void int8_block_rows(const int32_t* x_quads, const float* x_scale, const 
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* w = weights + g * k8BitGroupBytes;
-    const int32_t* xg = x_quads + g * kQuads * kMaxRows;
+    const int32_t* xg = x_quads + g * kQuads * R;
     __m512i dot[R];
     for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_si512();
 #pragma GCC unroll 8
     for (int c = 0; c < kQuads; ++c) {
       const __m512i q = _mm512_loadu_si512(w + 64 * c);
-      for (int r = 0; r < R; ++r) dot[r] = _mm512_dpbusd_epi32(dot[r], q, _mm512_set1_epi32(xg[c * kMaxRows + r]));
+      for (int r = 0; r < R; ++r) dot[r] = _mm512_dpbusd_epi32(dot[r], q, _mm512_set1_epi32(xg[c * R + r]));
     }
     const at::Half* dm = scales_mins + g * 2 * kBlock;  // 16 d, then 16 m
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm)));
     const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + kBlock)));
-    const float* sg = x_scale + g * kMaxRows;
-    const float* mg = x_sum + g * kMaxRows;
+    const float* sg = x_scale + g * R;
+    const float* mg = x_sum + g * R;
     for (int r = 0; r < R; ++r) {
       const __m512 ds = _mm512_mul_ps(d, _mm512_set1_ps(sg[r]));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), ds, acc[r]);
