@@ -66,6 +66,25 @@ def decode_us(module: Any, num_reqs: int, length: int, repeats: int, layers: int
     return best_us(run, repeats, inner=max(1, 20 // layers)) / layers
 
 
+def decode_step_metadata(tables: torch.Tensor, length: int, block_size: int) -> AttentionMetadata:
+    """A decode-only step: request i (its blocks tables[i], int32) decodes position length - 1."""
+    num_reqs = tables.shape[0]
+    positions = torch.full((num_reqs,), length - 1)
+    slots = tables.long()[torch.arange(num_reqs), positions // block_size] * block_size + positions % block_size
+    return AttentionMetadata(
+        slot_mapping=slots,
+        block_tables=tables,
+        seq_lens=torch.full((num_reqs,), length, dtype=torch.int32),
+        query_start_loc=torch.arange(num_reqs + 1, dtype=torch.int32),
+        query_lens_cpu=[1] * num_reqs,
+        seq_lens_cpu=[length] * num_reqs,
+        max_query_len=1,
+        max_seq_len=length,
+        block_size=block_size,
+        is_decode_only=True,
+    )
+
+
 def layer_call_us(num_reqs: int, length: int, repeats: int) -> float:
     """`tessera::attention` for one layer of a decode-only step, as the compiled graph calls it."""
     gen = torch.Generator().manual_seed(0)
@@ -78,20 +97,7 @@ def layer_call_us(num_reqs: int, length: int, repeats: int) -> float:
     cache = backend.allocate_kv_cache(num_blocks, BLOCK, KV_HEADS, DIM, torch.bfloat16, "cpu")
     cache.normal_(generator=gen)
     tables = torch.randperm(num_blocks, generator=gen).view(num_reqs, blocks_per_req).to(torch.int32)
-    positions = torch.full((num_reqs,), length - 1)
-    slots = tables.long()[torch.arange(num_reqs), positions // BLOCK] * BLOCK + positions % BLOCK
-    metadata = AttentionMetadata(
-        slot_mapping=slots,
-        block_tables=tables,
-        seq_lens=torch.full((num_reqs,), length, dtype=torch.int32),
-        query_start_loc=torch.arange(num_reqs + 1, dtype=torch.int32),
-        query_lens_cpu=[1] * num_reqs,
-        seq_lens_cpu=[length] * num_reqs,
-        max_query_len=1,
-        max_seq_len=length,
-        block_size=BLOCK,
-        is_decode_only=True,
-    )
+    metadata = decode_step_metadata(tables, length, BLOCK)
     query = torch.randn(num_reqs, HEADS * DIM, generator=gen).to(torch.bfloat16)
     key, value = (torch.randn(num_reqs, KV_HEADS * DIM, generator=gen).to(torch.bfloat16) for _ in range(2))
     with torch.inference_mode(), step_context([layer], [cache], metadata):

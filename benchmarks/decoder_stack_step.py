@@ -18,29 +18,10 @@ import statistics
 import time
 
 import torch
+from attention_kernels import decode_step_metadata
 
 from tessera import LLM
-from tessera.core.interfaces.attention import AttentionMetadata
 from tessera.core.model_source import default_model_path
-
-
-def decode_metadata(requests: int, context: int, block_size: int) -> AttentionMetadata:
-    """Each request holds blocks [i * per, (i + 1) * per) and decodes position context - 1."""
-    per_request = (context + block_size - 1) // block_size
-    tables = [list(range(i * per_request, (i + 1) * per_request)) for i in range(requests)]
-    slots = [table[0] * block_size + context - 1 for table in tables]
-    return AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.long),
-        block_tables=torch.tensor(tables, dtype=torch.int32),
-        seq_lens=torch.full((requests,), context, dtype=torch.int32),
-        query_start_loc=torch.arange(requests + 1, dtype=torch.int32),
-        query_lens_cpu=[1] * requests,
-        seq_lens_cpu=[context] * requests,
-        max_query_len=1,
-        max_seq_len=context,
-        block_size=block_size,
-        is_decode_only=True,
-    )
 
 
 def main() -> None:
@@ -62,7 +43,9 @@ def main() -> None:
         for requests in args.requests:
             if requests * -(-args.context // block_size) > blocks:
                 raise SystemExit(f"{requests} x {args.context} needs more than the cache's {blocks} blocks")
-            metadata = decode_metadata(requests, args.context, block_size)
+            per_request = -(-args.context // block_size)  # each request its own stretch of blocks
+            tables = torch.arange(requests * per_request, dtype=torch.int32).view(requests, per_request)
+            metadata = decode_step_metadata(tables, args.context, block_size)
             ids = torch.randint(1000, 20000, (requests,), generator=torch.Generator().manual_seed(0))
             positions = torch.full((requests,), args.context - 1, dtype=torch.long)
             for _ in range(5):  # warm-up
