@@ -141,7 +141,7 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_batched_tokens: int | None = None  # None: the device platform's default
     max_num_seqs: int = 256
-    max_model_len: int = 2048  # filled in from the model by the engine
+    max_model_len: int | None = None  # None: the model's, filled in by the engine
     enable_chunked_prefill: bool = True
     preemption_mode: Literal["recompute", "swap"] = "recompute"
     max_waiting_requests: int = 1024  # bound of the waiting queue; beyond it requests get 429
@@ -156,7 +156,8 @@ class SchedulerConfig:
         if self.max_waiting_requests < 1:
             _fail("max_waiting_requests", self.max_waiting_requests, "must be >= 1")
         budget = self.max_num_batched_tokens
-        if not self.enable_chunked_prefill and budget is not None and budget < self.max_model_len:
+        max_len = self.max_model_len
+        if not self.enable_chunked_prefill and budget is not None and max_len is not None and budget < max_len:
             _fail(
                 "max_num_batched_tokens", self.max_num_batched_tokens,
                 f"without chunked prefill it must be >= max_model_len ({self.max_model_len})",

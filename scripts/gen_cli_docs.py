@@ -38,7 +38,8 @@ a few of its own (group "tessera" below). The differences from vLLM, all deliber
   `--no-enable-prefix-caching` (or `enable-prefix-caching: false` in a config file). vLLM's
   default is off.
 - **Chunked prefill is on by default** (`--enable-chunked-prefill false` turns it off; then
-  `--max-num-batched-tokens` defaults to at least `--max-model-len`).
+  `--max-num-batched-tokens` defaults to at least `--max-model-len`, and a smaller value set
+  explicitly is refused at start-up rather than raised).
   `--max-num-batched-tokens` defaults to the device platform's choice: 512 tokens a step on
   CPUs, where a 512-token step already runs the matmuls at their full rate and a larger one only
   holds back first tokens and decoding (docs/benchmarks.md); 2048 for other platforms.

@@ -92,8 +92,16 @@ class EngineCore:
         budget = sched.max_num_batched_tokens
         if budget is None:
             budget = self.platform.default_max_num_batched_tokens
-        if not sched.enable_chunked_prefill:  # a whole prompt must fit in one step
-            budget = max(budget, max_model_len)
+            if not sched.enable_chunked_prefill:  # a whole prompt must fit in one step
+                budget = max(budget, max_model_len)
+        elif not sched.enable_chunked_prefill and budget < max_model_len:
+            # a value the user set is never raised behind their back
+            raise ConfigError(
+                f"max_num_batched_tokens={budget} is below max_model_len ({max_model_len}): without chunked "
+                "prefill a whole prompt must fit in one step; raise it, lower --max-model-len or enable "
+                "chunked prefill",
+                param="max_num_batched_tokens",
+            )
         return dataclasses.replace(sched, max_model_len=max_model_len, max_num_batched_tokens=budget)
 
     # -- requests -----------------------------------------------------------------------------

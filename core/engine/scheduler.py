@@ -54,8 +54,8 @@ class Scheduler:
     """
 
     def __init__(self, scheduler_config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
-        if scheduler_config.max_num_batched_tokens is None:
-            raise ValueError("the scheduler needs max_num_batched_tokens resolved (EngineCore takes the platform's)")
+        if scheduler_config.max_num_batched_tokens is None or scheduler_config.max_model_len is None:
+            raise ValueError("the scheduler needs max_num_batched_tokens and max_model_len resolved (EngineCore does)")
         self.config = scheduler_config
         self.kv = kv_cache_manager
         self.waiting: deque[Request] = deque()

@@ -7,6 +7,7 @@ from fixtures_models import save_model
 
 from tessera import LLM, SamplingParams
 from tessera.backends.cpu.platform import CpuPlatform
+from tessera.core.errors import ConfigError
 
 MAX_LEN = 1024
 
@@ -31,6 +32,14 @@ def test_a_given_budget_is_kept(model_path):
 
 def test_without_chunked_prefill_the_default_grows_to_a_whole_prompt(model_path):
     assert budget(LLM(model_path, dtype="float32", enable_chunked_prefill=False)) == MAX_LEN
+
+
+def test_without_chunked_prefill_a_given_budget_below_a_whole_prompt_is_refused(model_path):
+    # the model's max_model_len (1024) is only known once it is loaded; a set value is not raised
+    with pytest.raises(ConfigError, match="max_num_batched_tokens=512 is below max_model_len"):
+        LLM(model_path, dtype="float32", enable_chunked_prefill=False, max_num_batched_tokens=512)
+    # one whole prompt of this model is enough (it was checked against a default length of 2048)
+    assert budget(LLM(model_path, dtype="float32", enable_chunked_prefill=False, max_num_batched_tokens=MAX_LEN)) == MAX_LEN
 
 
 def steps_for_a_100_token_prompt(llm: LLM) -> int:
