@@ -19,7 +19,7 @@ from fake_http import JsonHandler, serving
 from tessera.api.bench import main as bench_main
 from tessera.api.bench.datasets import random_requests, sample_lengths, sharegpt_requests
 from tessera.api.bench.metrics import RequestResult, compute_metrics, peak_concurrency, tpot
-from tessera.api.bench.serve import arrival_intervals
+from tessera.api.bench.serve import _sse_events, arrival_intervals
 
 # ---- metrics on synthetic timings ---------------------------------------------------------------
 
@@ -177,6 +177,39 @@ def test_bench_serve_counts_chunks_without_usage(fake_server: str, smollm2_path:
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["output_lens"] == [3, 3]  # one per chunk
     assert "ignore_eos" not in _FakeCompletions.bodies[0]
+
+
+class _ChunkedBody:
+    """A response whose body arrives in the given pieces (aiohttp's `content.iter_any()`)."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.content = self
+        self._pieces = pieces
+
+    async def iter_any(self) -> Any:
+        for piece in self._pieces:
+            yield piece
+
+
+def test_sse_events_split_anywhere_and_of_any_length() -> None:
+    import asyncio
+
+    long_text = "x" * 200_000  # longer than aiohttp's line-reader limit (64 KiB)
+    stream = (b": keep-alive comment\n\n"
+              + b'data: {"n": 1}\n\n'
+              + f'data: {{"n": 2, "text": "{long_text}"}}\n\n'.encode()
+              + b'data:{"n": 3}\r\n\r\n'
+              + b"data: [DONE]\n\n"
+              + b'data: {"n": 4}\n\n')  # after [DONE]: not read
+    for size in (1, 7, 4096, len(stream)):
+        pieces = [stream[i:i + size] for i in range(0, len(stream), size)]
+
+        async def collect(pieces: list[bytes] = pieces) -> list[dict[str, Any]]:
+            return [event async for event in _sse_events(_ChunkedBody(pieces))]
+
+        events = asyncio.run(collect())
+        assert [e["n"] for e in events] == [1, 2, 3], size
+        assert events[1]["text"] == long_text
 
 
 # ---- offline commands and a real tessera server -------------------------------------------------
