@@ -81,6 +81,26 @@ def test_rounding_the_inputs_of_8_bit_codes_costs_under_one_percent():
     assert (y - expected).norm() / expected.norm() < 0.01
 
 
+@pytest.mark.parametrize("rows", [1, 8, 17])
+def test_8_bit_codes_of_signed_values_and_groups_with_a_zero_point_side_by_side(rows):
+    """Q8_0 stores signed values v as q = v + 128 with m = -128 d, where the kernel skips the
+    zero-point term of a group (m + 128 d = 0 in all 16 columns of a block); any other group, or
+    one column of a group off that, still takes it."""
+    out_features, in_features = 48, 128  # 3 blocks x 4 groups
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randint(0, 256, (out_features, in_features), dtype=torch.uint8, generator=gen)
+    scale = (torch.rand(out_features, in_features // 32, generator=gen) * 0.02 + 0.001).half().float()
+    zero = -120 * scale  # Q8_0: w = (q - 128) d
+    zero[16:32, 1] += 0.1  # a whole group of block 1 with another zero point
+    zero[35, 2] -= 0.2  # one column of a group of block 2
+    zero = (zero - 8 * scale).half().float() + 8 * scale  # m in fp16, as GGUF and the kernel store it
+    weight = (q.float() - 8).reshape(out_features, -1, 32) * scale[..., None] + zero[..., None]
+    weight = weight.reshape(out_features, in_features)
+    x = random_inputs(rows, in_features, seed=rows)
+    blocks = cpu_quant.repack(q, torch.stack([scale, zero], dim=-1))
+    assert_matches(cpu_quant.group_quant_linear(x, blocks), expected_output(x, weight, 8), x, weight, 8)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_float32_outputs_are_the_sums_before_bf16_rounding(bits):
     # what the LM head asks for: logits that bf16 would round to steps of 0.125 at 16-32

@@ -15,10 +15,13 @@
 //
 // 8-bit codes (the LM head, which only makes the final logits) take 8-bit activations: per row
 // and group, x ~ s * xq with xq = round(x / s) in -127..127 and s = max|x| / 127, and
-//   sum_k x_k w_k ~ s * (d * sum_k q_k xq_k + m * sum_k xq_k),
+//   sum_k x_k w_k ~ s * (d * sum_k (q_k - 128) xq_k + (m + 128 d) * sum_k xq_k),
 // where `vpdpbusd` multiplies 4 unsigned bytes (q) by 4 signed bytes (xq) into each of 16 int32
-// lanes: 64 exact products per instruction, with no decoding at all. The rounding adds ~0.6%
-// relative error to the logits (bf16 inputs: ~0.2%).
+// lanes: 64 exact products per instruction, with no decoding at all, into sums that start at
+// -128 sum_k xq_k. The second term is skipped for a group whose m + 128 d is 0 in every column, as
+// in Q8_0: multiplies and FMAs run on the same pipes as `vpdpbusd` (on AVX-512 Zen 4 each takes a
+// dot product's slot; conversions, shuffles and adds do not), so each one per row and group costs
+// 1/8 of the group's work. The rounding adds ~0.6% relative error to the logits (bf16 inputs: ~0.2%).
 //
 // Weight layouts (made by backends/cpu/group_quant_linear.py, `repack`): columns in blocks of 16,
 // inputs in groups of 32.
@@ -69,19 +72,22 @@ struct QuantizedRows {
   std::vector<int32_t> quads;      // (chunks, groups, kQuads, n), n rows of a chunk
   std::vector<float> scale;        // (chunks, groups, n), n rows of a chunk
   std::vector<float> scaled_sum;   // (chunks, groups, n), n rows of a chunk: scale * sum of the group's q
+  std::vector<int32_t> offset;     // (chunks, groups, n), n rows of a chunk: -128 * sum of the group's q
 };
 
 QuantizedRows quantize_rows(const at::BFloat16* x, int64_t rows, int64_t in_features) {
   const int64_t groups = in_features / kGroup;
   const int64_t chunks = (rows + kMaxRows - 1) / kMaxRows;
   QuantizedRows out{std::vector<int32_t>(chunks * groups * kQuads * kMaxRows),
-                    std::vector<float>(chunks * groups * kMaxRows), std::vector<float>(chunks * groups * kMaxRows)};
+                    std::vector<float>(chunks * groups * kMaxRows), std::vector<float>(chunks * groups * kMaxRows),
+                    std::vector<int32_t>(chunks * groups * kMaxRows)};
   for (int64_t m = 0; m < rows; ++m) {
     const int64_t chunk = m / kMaxRows, r = m % kMaxRows;
     const int64_t n = std::min<int64_t>(kMaxRows, rows - chunk * kMaxRows);  // rows in this chunk
     int32_t* quads = out.quads.data() + chunk * groups * kQuads * kMaxRows;
     float* scales = out.scale.data() + chunk * groups * kMaxRows;
     float* sums = out.scaled_sum.data() + chunk * groups * kMaxRows;
+    int32_t* offsets = out.offset.data() + chunk * groups * kMaxRows;
     for (int64_t g = 0; g < groups; ++g) {
       const at::BFloat16* src = x + m * in_features + g * kGroup;
       const __m512 lo = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
@@ -96,7 +102,9 @@ QuantizedRows quantize_rows(const at::BFloat16* x, int64_t rows, int64_t in_feat
       for (int c = 0; c < kQuads; ++c) quads[(g * kQuads + c) * n + r] = group_quads[c];
       const float scale = amax / 127.0f;
       scales[g * n + r] = scale;
-      sums[g * n + r] = scale * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi)));
+      const int32_t q_sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi));
+      sums[g * n + r] = scale * static_cast<float>(q_sum);
+      offsets[g * n + r] = -128 * q_sum;
     }
   }
   return out;
@@ -112,16 +120,18 @@ inline void store_block_row(float* y, __m512 values) { _mm512_storeu_ps(y, value
 
 // 8-bit codes, 8-bit activations: one block of 16 columns for R rows of one chunk of QuantizedRows.
 template <int R, typename Out>
-inline void int8_block_rows(const int32_t* x_quads, const float* x_scale, const float* x_sum, int64_t groups,
-                            const uint8_t* weights, const at::Half* scales_mins, const float* bias, Out* y,
-                            int64_t ldy) {
+inline void int8_block_rows(const int32_t* x_quads, const float* x_scale, const float* x_sum, const int32_t* x_offset,
+                            int64_t groups, const uint8_t* weights, const at::Half* scales_mins, const float* bias,
+                            Out* y, int64_t ldy) {
+  const __m512 shift = _mm512_set1_ps(128.0f);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* w = weights + g * k8BitGroupBytes;
     const int32_t* xg = x_quads + g * kQuads * R;
+    const int32_t* og = x_offset + g * R;
     __m512i dot[R];
-    for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_si512();
+    for (int r = 0; r < R; ++r) dot[r] = _mm512_set1_epi32(og[r]);
 #pragma GCC unroll 8
     for (int c = 0; c < kQuads; ++c) {
       const __m512i q = _mm512_loadu_si512(w + 64 * c);
@@ -135,7 +145,10 @@ inline void int8_block_rows(const int32_t* x_quads, const float* x_scale, const 
     for (int r = 0; r < R; ++r) {
       const __m512 ds = _mm512_mul_ps(d, _mm512_set1_ps(sg[r]));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), ds, acc[r]);
-      acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(mg[r]), acc[r]);
+    }
+    const __m512 rest = _mm512_fmadd_ps(shift, d, m);  // m + 128 d
+    if (_mm512_cmp_ps_mask(rest, _mm512_setzero_ps(), _CMP_NEQ_UQ) != 0) {
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(rest, _mm512_set1_ps(mg[r]), acc[r]);
     }
   }
   const __m512 b = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
@@ -200,8 +213,8 @@ constexpr Bf16BlockFn<Out> kBf16BlockFns[kMaxRows + 1] = {
     bf16_block_rows<8, Out>};
 
 template <typename Out>
-using Int8BlockFn = void (*)(const int32_t*, const float*, const float*, int64_t, const uint8_t*, const at::Half*,
-                             const float*, Out*, int64_t);
+using Int8BlockFn = void (*)(const int32_t*, const float*, const float*, const int32_t*, int64_t, const uint8_t*,
+                             const at::Half*, const float*, Out*, int64_t);
 template <typename Out>
 constexpr Int8BlockFn<Out> kInt8BlockFns[kMaxRows + 1] = {
     nullptr,                 int8_block_rows<1, Out>, int8_block_rows<2, Out>, int8_block_rows<3, Out>,
@@ -250,7 +263,8 @@ void int8_linear(const at::BFloat16* xd, int64_t rows, int64_t in_features, int6
         const int64_t chunk = m / kMaxRows;
         kInt8BlockFns<Out>[count](xq.quads.data() + chunk * groups * kQuads * kMaxRows,
                                   xq.scale.data() + chunk * groups * kMaxRows,
-                                  xq.scaled_sum.data() + chunk * groups * kMaxRows, groups,
+                                  xq.scaled_sum.data() + chunk * groups * kMaxRows,
+                                  xq.offset.data() + chunk * groups * kMaxRows, groups,
                                   wd + b * groups * k8BitGroupBytes, dm + b * groups * 2 * kBlock,
                                   bias ? bias + b * kBlock : nullptr, yd + m * out_features + b * kBlock, out_features);
       }
