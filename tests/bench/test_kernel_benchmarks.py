@@ -54,3 +54,13 @@ def test_decoder_stack_step_prints_one_row_per_batch() -> None:
     rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [r[0].strip() for r in rows] == ["1 x 20", "3 x 20"]
     assert all(float(r[1]) > 0 for r in rows)
+
+
+@pytest.mark.skipif(not cpu_quant.kernel_available(), reason="needs AVX512-BF16 and VNNI")
+def test_cpu_peak_times_the_dot_products_and_each_kind_beside_them() -> None:
+    out = _run("cpu_peak.py", "--threads", "2", "--iterations", "20000")
+    peaks = [line.split("|") for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [p[1].strip() for p in peaks] == ["1", "2"]
+    assert all(float(p[3]) > 0 and float(p[5]) > 0 for p in peaks)
+    kinds = {line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| v")}
+    assert {"vfmadd231ps", "vmulps", "vaddps", "vpunpcklbw"} <= kinds
