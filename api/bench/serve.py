@@ -167,10 +167,15 @@ async def run_benchmark(requests: Sequence[BenchRequest], args: argparse.Namespa
 
 
 async def _first_model(client: Any, base_url: str, headers: dict[str, str]) -> str:
-    async with client.get(base_url + "/v1/models", headers=headers) as response:
-        if response.status != 200:
-            raise TesseraError(f"{base_url}/v1/models answered HTTP {response.status}; pass --model")
-        models = (await response.json()).get("data") or []
+    import aiohttp
+
+    try:
+        async with client.get(base_url + "/v1/models", headers=headers) as response:
+            if response.status != 200:
+                raise TesseraError(f"{base_url}/v1/models answered HTTP {response.status}; pass --model")
+            models = (await response.json()).get("data") or []
+    except aiohttp.ClientError as exc:
+        raise TesseraError(f"cannot reach {base_url}/v1/models: {exc}") from exc
     if not models:
         raise TesseraError(f"{base_url}/v1/models lists no model; pass --model")
     return str(models[0]["id"])

@@ -167,6 +167,16 @@ def test_bench_serve_end_to_end(fake_server: str, smollm2_path: str, tmp_path: A
     assert all(b["ignore_eos"] is True and b["stream"] is True and b["max_tokens"] == 9 for b in bodies)
 
 
+def test_bench_serve_names_a_server_it_cannot_reach(smollm2_path: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as sock:  # a port nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    rc = bench_main(["serve", "--base-url", f"http://127.0.0.1:{port}", "--tokenizer", smollm2_path,
+                     "--num-prompts", "1", "--random-input-len", "8", "--random-output-len", "4"])
+    assert rc == 2
+    assert f"cannot reach http://127.0.0.1:{port}/v1/models" in capsys.readouterr().err
+
+
 def test_bench_serve_counts_chunks_without_usage(fake_server: str, smollm2_path: str, tmp_path: Any) -> None:
     rc = bench_main([
         "serve", "--base-url", fake_server, "--tokenizer", smollm2_path, "--num-prompts", "2",
