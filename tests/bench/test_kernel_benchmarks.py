@@ -1,4 +1,5 @@
-"""The kernel benchmarks (benchmarks/linear_kernels.py, attention_kernels.py, decoder_stack_step.py)
+"""The kernel benchmarks (benchmarks/linear_kernels.py, attention_kernels.py, decoder_stack_step.py,
+cpu_peak.py) and the weight-rounding agreement check
 run end to end on tiny settings."""
 
 from __future__ import annotations
@@ -64,3 +65,10 @@ def test_cpu_peak_times_the_dot_products_and_each_kind_beside_them() -> None:
     assert all(float(p[3]) > 0 and float(p[5]) > 0 for p in peaks)
     kinds = {line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| v")}
     assert {"vfmadd231ps", "vmulps", "vaddps", "vpunpcklbw"} <= kinds
+
+
+def test_weight_rounding_agreement_prints_both_arithmetics() -> None:
+    out = _run("weight_rounding_agreement.py", "--prompts", "1", "--tokens", "2")
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| bf16")]
+    assert [r[1].strip() for r in rows] == ["bf16 inputs, exact weights", "bf16 inputs, bf16 weights"]
+    assert all(r[2].strip().endswith("% of 2") for r in rows)
