@@ -62,7 +62,7 @@ def random_inputs(*shape: int, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 17, 40])
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 17, 40, 48, 57])
 @pytest.mark.parametrize(("out_features", "in_features"), [(16, 32), (48, 96), (960, 576)])
 def test_matches_the_arithmetic_it_stands_for_at_every_row_count(rows, out_features, in_features, bits):
     q, scales_zeros, weight = random_groups(out_features, in_features, bits=bits)

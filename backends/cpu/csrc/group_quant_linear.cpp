@@ -8,7 +8,9 @@
 // are exact), so one unpack instruction turns 32 nibbles into 32 bf16 weights, and `vdpbf16ps`
 // multiplies them into fp32 sums:
 //   sum_k x_k w_k = d * sum_k x_k (128 + q_k) + (m - 128 d) * sum_k x_k.
-// The products are exact (bf16 x bf16 in fp32) and sums fp32, as in a bf16 GEMM. Rounding the
+// The products are exact (bf16 x bf16 in fp32) and sums fp32, as in a bf16 GEMM. Calls of 48
+// rows or more (prompts) dequantize each block to bf16 weights once instead (below,
+// kDequantizeFromRows): the weights are then rounded to bf16, as in a bf16 model. Rounding the
 // activations to 8 bits instead (what llama.cpp does, and `vpdpbusd` runs twice as many products
 // per instruction) was 1.3-2x faster, but its error, compounded over 30 layers, changed the
 // default model's answers (the same ones llama.cpp gives) where the dequantized model's were right.
@@ -221,11 +223,98 @@ constexpr Int8BlockFn<Out> kInt8BlockFns[kMaxRows + 1] = {
     int8_block_rows<4, Out>, int8_block_rows<5, Out>, int8_block_rows<6, Out>, int8_block_rows<7, Out>,
     int8_block_rows<8, Out>};
 
+// From 48 rows (prompts) a thread first dequantizes each of its blocks of 4-bit codes to bf16
+// weights, once, and every chunk of rows then runs plain bf16 dot products over them, with no
+// per-group epilogue: in bf16_block_rows the two FMAs per row and group take a dot product's slot
+// each (on AVX-512 Zen 4 multiplies share the dot products' pipes), 17 of every 145, while
+// dequantizing costs 32 FMAs per group and block once per call, plus its stores and the reloads
+// of a block (18-48 KiB). Measured over the default model's 120 matrices (docs/benchmarks.md):
+// 6-10% faster at 128 rows, even at 48 and 64, slower at 24 and no faster at 32, hence the
+// threshold. Each weight is then rounded to bf16 (relative error 2^-9), which left the default
+// model's top-1 agreement with its float32 model unchanged (benchmarks/weight_rounding_agreement.py).
+constexpr int64_t kDequantizeFromRows = 6 * kMaxRows;
+
+// One block's weights as bf16 pairs: for group g, pair p (inputs 2p, 2p + 1 of the group), the 16
+// columns' pairs at out[(g * 16 + p) * 16 + j], the order the rows' input pairs come in.
+inline void dequantize_block(const uint8_t* weights, const at::Half* scales_mins, int64_t groups, uint32_t* out) {
+  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+  const __m512i bf16_128 = _mm512_set1_epi8(0x43);
+  const __m512i high_words = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  const __m512 shift = _mm512_set1_ps(128.0f);
+  // words of cvtne2ps(odd, even) are even[0..15], odd[0..15]; word 2j + u of a pair vector is
+  // column j's input u: even[j] at 2j, odd[j] at 2j + 1
+  alignas(64) int16_t order[32];
+  for (int j = 0; j < 16; ++j) order[2 * j] = static_cast<int16_t>(j), order[2 * j + 1] = static_cast<int16_t>(16 + j);
+  const __m512i interleave = _mm512_load_si512(order);
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* w = weights + g * k4BitGroupBytes;
+    const at::Half* dm = scales_mins + g * 2 * kBlock;
+    const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm)));
+    const __m512 min = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + kBlock)));
+    const __m512 offset = _mm512_fnmadd_ps(shift, scale, min);  // m - 128 d
+    for (int c = 0; c < 4; ++c) {
+      const __m512i bytes = _mm512_loadu_si512(w + 64 * c);
+      const __m512i lo = _mm512_and_si512(bytes, low_nibbles);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_nibbles);
+      const __m512i pair[4] = {_mm512_unpacklo_epi8(lo, bf16_128), _mm512_unpackhi_epi8(lo, bf16_128),
+                               _mm512_unpacklo_epi8(hi, bf16_128), _mm512_unpackhi_epi8(hi, bf16_128)};
+      for (int t = 0; t < 4; ++t) {  // 128 + q as bf16 words -> d (128 + q) + m - 128 d, rounded to bf16
+        const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(pair[t], 16));
+        const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(pair[t], high_words));
+        const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(odd, scale, offset), _mm512_fmadd_ps(even, scale, offset));
+        _mm512_storeu_si512(out + (g * 16 + 4 * c + t) * 16, _mm512_permutexvar_epi16(interleave, (__m512i)both));
+      }
+    }
+  }
+}
+
+// Plain bf16 dot products of R rows against a dequantized block (16 columns).
+template <int R, typename Out>
+inline void dense_block_rows(const uint32_t* x_pairs, int64_t pairs_per_row, const uint32_t* weights, int64_t pairs,
+                             const float* bias, Out* y, int64_t ldy) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const uint32_t* xr[R];
+  for (int r = 0; r < R; ++r) xr[r] = x_pairs + r * pairs_per_row;
+#pragma GCC unroll 4
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512bh w = (__m512bh)_mm512_loadu_si512(weights + p * 16);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], w, (__m512bh)_mm512_set1_epi32(xr[r][p]));
+  }
+  const __m512 b = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r) store_block_row(y + r * ldy, _mm512_add_ps(acc[r], b));
+}
+
+template <typename Out>
+using DenseBlockFn = void (*)(const uint32_t*, int64_t, const uint32_t*, int64_t, const float*, Out*, int64_t);
+template <typename Out>
+constexpr DenseBlockFn<Out> kDenseBlockFns[kMaxRows + 1] = {
+    nullptr,                  dense_block_rows<1, Out>, dense_block_rows<2, Out>, dense_block_rows<3, Out>,
+    dense_block_rows<4, Out>, dense_block_rows<5, Out>, dense_block_rows<6, Out>, dense_block_rows<7, Out>,
+    dense_block_rows<8, Out>};
+
 // y = x W^T for 4-bit codes, bf16 activations.
 template <typename Out>
 void bf16_linear(const at::BFloat16* xd, int64_t rows, int64_t in_features, int64_t blocks, const uint8_t* wd,
                  const at::Half* dm, const float* bias, Out* yd, int64_t out_features) {
   const int64_t groups = in_features / kGroup;
+  const auto* x_pairs = reinterpret_cast<const uint32_t*>(xd);
+  const int64_t pairs_per_row = in_features / 2;
+  if (rows >= kDequantizeFromRows) {
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<uint32_t> block(pairs_per_row * kBlock);
+      for (int64_t b = begin; b < end; ++b) {
+        dequantize_block(wd + b * groups * k4BitGroupBytes, dm + b * groups * 2 * kBlock, groups, block.data());
+        for (int64_t m = 0; m < rows; m += kMaxRows) {
+          const int64_t count = std::min<int64_t>(kMaxRows, rows - m);
+          kDenseBlockFns<Out>[count](x_pairs + m * pairs_per_row, pairs_per_row, block.data(), pairs_per_row,
+                                     bias ? bias + b * kBlock : nullptr, yd + m * out_features + b * kBlock,
+                                     out_features);
+        }
+      }
+    });
+    return;
+  }
   std::vector<float> group_sums(rows * groups);  // per row and group, the sum of the (bf16) inputs
   for (int64_t m = 0; m < rows; ++m) {
     for (int64_t g = 0; g < groups; ++g) {
@@ -236,8 +325,6 @@ void bf16_linear(const at::BFloat16* xd, int64_t rows, int64_t in_features, int6
       group_sums[m * groups + g] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
     }
   }
-  const auto* x_pairs = reinterpret_cast<const uint32_t*>(xd);
-  const int64_t pairs_per_row = in_features / 2;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t m = 0; m < rows; m += kMaxRows) {
