@@ -114,6 +114,17 @@ def test_float32_outputs_are_the_sums_before_bf16_rounding(bits):
     assert torch.equal(y.to(torch.bfloat16), cpu_quant.group_quant_linear(x, blocks))
 
 
+def test_prompt_sized_calls_round_the_weights_to_bf16_once():
+    """From 48 rows the kernel dequantizes each block to bf16 weights once per call: its float32
+    sums are those of the bf16-rounded weights (within fp32 summation order), for both dtypes."""
+    q, scales_zeros, weight = random_groups(960, 576, seed=6)
+    blocks, x = cpu_quant.repack(q, scales_zeros), random_inputs(48, 576, seed=6)
+    y = cpu_quant.group_quant_linear(x, blocks, out_dtype=torch.float32)
+    rounded = x.double() @ weight.to(torch.bfloat16).double().T
+    assert (y.double() - rounded).abs().max().item() < 2**-14 * rounded.abs().max().item()
+    assert torch.equal(y.to(torch.bfloat16), cpu_quant.group_quant_linear(x, blocks))
+
+
 def test_adds_the_bias_and_keeps_leading_dimensions():
     for bits in (4, 8):
         q, scales_zeros, weight = random_groups(32, 64, seed=1, bits=bits)

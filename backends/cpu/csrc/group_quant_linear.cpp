@@ -157,13 +157,25 @@ inline void int8_block_rows(const int32_t* x_quads, const float* x_scale, const 
   for (int r = 0; r < R; ++r) store_block_row(y + r * ldy, _mm512_add_ps(acc[r], b));
 }
 
+// One 64-byte chunk of a 4-bit group as its 4 pair vectors (layout above): each code q becomes
+// the bf16 number 128 + q, the byte 0x43 placed above it.
+inline void unpack_4bit_chunk(const uint8_t* chunk, __m512i pair[4]) {
+  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+  const __m512i bf16_128 = _mm512_set1_epi8(0x43);
+  const __m512i bytes = _mm512_loadu_si512(chunk);
+  const __m512i lo = _mm512_and_si512(bytes, low_nibbles);
+  const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_nibbles);
+  pair[0] = _mm512_unpacklo_epi8(lo, bf16_128);
+  pair[1] = _mm512_unpackhi_epi8(lo, bf16_128);
+  pair[2] = _mm512_unpacklo_epi8(hi, bf16_128);
+  pair[3] = _mm512_unpackhi_epi8(hi, bf16_128);
+}
+
 // 4-bit codes, bf16 activations: one block of 16 columns for R rows, y[r, cols] = sum over groups.
 template <int R, typename Out>
 inline void bf16_block_rows(const uint32_t* x_pairs, int64_t pairs_per_row, const float* x_group_sums,
                        int64_t groups, const uint8_t* weights, const at::Half* scales_mins,
                        const float* bias, Out* y, int64_t ldy) {
-  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
-  const __m512i bf16_128 = _mm512_set1_epi8(0x43);
   const __m512 shift = _mm512_set1_ps(128.0f);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -178,16 +190,12 @@ inline void bf16_block_rows(const uint32_t* x_pairs, int64_t pairs_per_row, cons
     const uint8_t* w = weights + g * k4BitGroupBytes;
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) {
-      const __m512i bytes = _mm512_loadu_si512(w + 64 * c);
-      const __m512i lo = _mm512_and_si512(bytes, low_nibbles);
-      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_nibbles);
-      const __m512bh pair[4] = {
-          (__m512bh)_mm512_unpacklo_epi8(lo, bf16_128), (__m512bh)_mm512_unpackhi_epi8(lo, bf16_128),
-          (__m512bh)_mm512_unpacklo_epi8(hi, bf16_128), (__m512bh)_mm512_unpackhi_epi8(hi, bf16_128)};
+      __m512i pair[4];
+      unpack_4bit_chunk(w + 64 * c, pair);
       for (int t = 0; t < 4; ++t) {
         for (int r = 0; r < R; ++r) {
           const __m512bh xx = (__m512bh)_mm512_set1_epi32(xr[r][4 * c + t]);
-          dot[r] = _mm512_dpbf16_ps(dot[r], pair[t], xx);
+          dot[r] = _mm512_dpbf16_ps(dot[r], (__m512bh)pair[t], xx);
         }
       }
     }
@@ -237,8 +245,6 @@ constexpr int64_t kDequantizeFromRows = 6 * kMaxRows;
 // One block's weights as bf16 pairs: for group g, pair p (inputs 2p, 2p + 1 of the group), the 16
 // columns' pairs at out[(g * 16 + p) * 16 + j], the order the rows' input pairs come in.
 inline void dequantize_block(const uint8_t* weights, const at::Half* scales_mins, int64_t groups, uint32_t* out) {
-  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
-  const __m512i bf16_128 = _mm512_set1_epi8(0x43);
   const __m512i high_words = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
   const __m512 shift = _mm512_set1_ps(128.0f);
   // words of cvtne2ps(odd, even) are even[0..15], odd[0..15]; word 2j + u of a pair vector is
@@ -253,11 +259,8 @@ inline void dequantize_block(const uint8_t* weights, const at::Half* scales_mins
     const __m512 min = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dm + kBlock)));
     const __m512 offset = _mm512_fnmadd_ps(shift, scale, min);  // m - 128 d
     for (int c = 0; c < 4; ++c) {
-      const __m512i bytes = _mm512_loadu_si512(w + 64 * c);
-      const __m512i lo = _mm512_and_si512(bytes, low_nibbles);
-      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_nibbles);
-      const __m512i pair[4] = {_mm512_unpacklo_epi8(lo, bf16_128), _mm512_unpackhi_epi8(lo, bf16_128),
-                               _mm512_unpacklo_epi8(hi, bf16_128), _mm512_unpackhi_epi8(hi, bf16_128)};
+      __m512i pair[4];
+      unpack_4bit_chunk(w + 64 * c, pair);
       for (int t = 0; t < 4; ++t) {  // 128 + q as bf16 words -> d (128 + q) + m - 128 d, rounded to bf16
         const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(pair[t], 16));
         const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(pair[t], high_words));
