@@ -35,7 +35,7 @@ from tessera.api.serving_completions import ServingCompletions
 from tessera.api.serving_models import ServingModels
 from tessera.api.serving_tokenize import ServingTokenize
 from tessera.core.engine.client import EngineClient
-from tessera.core.engine.core_client import LOG_FORMAT
+from tessera.core.engine.core_client import LOG_FORMAT, freeze_start_up_objects
 from tessera.core.errors import ConfigError, EngineDeadError, ModelNotFoundError, TesseraError
 from tessera.core.interfaces.tokenizer import Tokenizer
 
@@ -289,6 +289,7 @@ async def serve(ns: Any) -> int:
     stats_task: asyncio.Task[None] | None = None
     try:
         app = build_app(engine, ServerConfig.from_args(ns))
+        freeze_start_up_objects()
         config = uvicorn.Config(
             app,
             host=getattr(ns, "host", None) or "0.0.0.0",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import os
@@ -106,6 +107,15 @@ class InprocCoreClient:
             self._thread.join(timeout=30)
 
 
+def freeze_start_up_objects() -> None:
+    """Take what start-up allocated (the model's modules, the tokenizer, imported libraries: ~300k
+    objects for the default model) out of the garbage collector's reach. A full collection over them
+    takes ~110 ms on 2 cores, a stalled step or request, and they live as long as the process.
+    For the processes tessera owns (engine core, API server); a library user's process is theirs."""
+    gc.collect()
+    gc.freeze()
+
+
 def _engine_process_main(config: EngineConfig, input_address: str, output_address: str, log_level: int) -> None:
     """Entry point of the engine-core process: build the core, report ready, loop."""
     import zmq
@@ -123,6 +133,7 @@ def _engine_process_main(config: EngineConfig, input_address: str, output_addres
 
         set_plugins(load_plugins_from_env(config.plugin_modules))
         core = EngineCore(config)
+        freeze_start_up_objects()
         outputs.send(pickle.dumps(("ready", (core.model_info, core.stats()))))
     except BaseException as exc:
         outputs.send(pickle.dumps(("error", f"{exc}\n{traceback.format_exc()}")))

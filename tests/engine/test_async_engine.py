@@ -134,3 +134,19 @@ def test_the_engine_process_logs_at_its_parents_level(model_dir, capfd):
     finally:
         root.setLevel(level)
     assert "INFO tessera.core.engine.engine_core: engine ready" in capfd.readouterr().err
+
+
+def test_start_up_objects_are_kept_out_of_garbage_collection():
+    # run in a child: freezing is process-wide, and the test process is not tessera's to freeze
+    import subprocess
+    import sys
+
+    code = (
+        "import gc\n"
+        "from tessera.core.engine.core_client import freeze_start_up_objects\n"
+        "start_up = [[i] for i in range(50_000)]\n"
+        "freeze_start_up_objects()\n"
+        "print(gc.get_freeze_count())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert int(out) > 50_000
