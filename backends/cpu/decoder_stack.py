@@ -36,8 +36,13 @@ class CpuDecoderStack(DecoderStackForward):
         self.runs_prefills = runs_prefills
 
     def __call__(
-        self, hidden: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor], metadata: AttentionMetadata
-    ) -> torch.Tensor:  # (num_tokens, hidden_size) -> (num_tokens, hidden_size)
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        metadata: AttentionMetadata,
+        output_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # (num_tokens, hidden_size) -> (num_outputs or num_tokens, hidden_size)
         plan = step_plan(metadata, with_kernels=True)
         if plan.prefills and not self.runs_prefills:
             raise ValueError("this decoder stack runs decode-only steps; the step has prompts")
@@ -45,7 +50,7 @@ class CpuDecoderStack(DecoderStackForward):
             metadata.slot_mapping, plan.decode_rows, plan.decode_tables, plan.decode_seq_lens,
             plan.prefill_starts, plan.prefill_query_lens, plan.prefill_seq_lens, plan.prefill_tables,
         )
-        return self.stack.run(hidden, positions, kv_caches, layout)
+        return self.stack.run(hidden, positions, kv_caches, layout, output_rows)
 
 
 class CpuDecoderStackKernel(DecoderStackKernel):

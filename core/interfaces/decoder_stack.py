@@ -15,9 +15,14 @@ class DecoderStackForward(ABC):
     runs_prefills: bool = False
 
     @abstractmethod
-    def __call__(self, hidden: Any, positions: Any, kv_caches: list[Any], metadata: Any) -> Any:
+    def __call__(
+        self, hidden: Any, positions: Any, kv_caches: list[Any], metadata: Any, output_rows: Any | None = None
+    ) -> Any:
         """hidden (num_tokens, hidden_size), the embedded tokens; positions (num_tokens,); the
-        step's `AttentionMetadata`. Returns the final norm's output (num_tokens, hidden_size)."""
+        step's `AttentionMetadata`; output_rows (num_outputs,) int64, the rows whose outputs the
+        step uses (the tokens it samples from), or None for all. Returns the final norm's output
+        for those rows, (num_outputs or num_tokens, hidden_size). Every row's keys and values are
+        stored either way; a stack may skip the rest of the last layer for the other rows."""
 
 
 @dataclass(frozen=True)
@@ -36,8 +41,10 @@ class StackedForward:
     def takes(self, metadata: Any) -> bool:
         return bool(metadata.is_decode_only) or self.stack.runs_prefills
 
-    def __call__(self, input_ids: Any, positions: Any, kv_caches: list[Any], metadata: Any) -> Any:
-        return self.stack(self.embed(input_ids), positions, kv_caches, metadata)
+    def __call__(
+        self, input_ids: Any, positions: Any, kv_caches: list[Any], metadata: Any, output_rows: Any | None = None
+    ) -> Any:
+        return self.stack(self.embed(input_ids), positions, kv_caches, metadata, output_rows)
 
 
 @dataclass(frozen=True)

@@ -176,12 +176,20 @@ class ModelRunner:
             return ModelRunnerOutput(sampled_token_ids={})
         input_ids, positions, metadata, states, sample_indices = self._prepare_inputs(out)
         stack = self.decoder_stack
-        forward = stack if stack is not None and stack.takes(metadata) else self.forward
-        hidden = forward(input_ids, positions, self.kv_caches, metadata)  # (num_tokens, hidden)
-        prompt_logprobs = self._prompt_logprobs(out, hidden) if _wants_prompt_logprobs(out, self.requests) else {}
+        wants_prompt_logprobs = _wants_prompt_logprobs(out, self.requests)
+        if stack is not None and stack.takes(metadata) and not wants_prompt_logprobs:
+            # the stack carries only the sampled rows through the rest of its last layer
+            output_rows = torch.tensor(sample_indices, dtype=torch.long, device=self.device)
+            sampled_hidden = stack(input_ids, positions, self.kv_caches, metadata, output_rows)
+            prompt_logprobs = {}
+        else:
+            forward = stack if stack is not None and stack.takes(metadata) else self.forward
+            hidden = forward(input_ids, positions, self.kv_caches, metadata)  # (num_tokens, hidden)
+            prompt_logprobs = self._prompt_logprobs(out, hidden) if wants_prompt_logprobs else {}
+            sampled_hidden = hidden[sample_indices]
         if not states:
             return ModelRunnerOutput(sampled_token_ids={}, prompt_logprobs=prompt_logprobs)
-        logits = self.model.compute_logits(hidden[sample_indices])  # (num_sampling, vocab)
+        logits = self.model.compute_logits(sampled_hidden)  # (num_sampling, vocab)
         batch = build_sampling_batch(states, self.vocab_size, self.device)
         if out.grammar_bitmask is not None:
             rows = [i for i, s in enumerate(states) if s.request_id in out.structured_output_rows]

@@ -162,7 +162,15 @@ def test_steps_with_prompts_run_through_the_stack_where_prefill_attention_is_bui
         expected = model(ids, positions, kv_caches, metadata(query_lens, seq_lens, requests))
         step = metadata(query_lens, seq_lens, requests)
         assert forward.takes(step)
-        assert_close_to(forward(ids, positions, kv_caches, step), expected)
+        full = forward(ids, positions, kv_caches, step)
+        assert_close_to(full, expected)
+        # the rows a step samples from (each request's last) alone through the rest of the last layer
+        last_rows = torch.tensor(query_lens).cumsum(0) - 1
+        sampled = forward(ids, positions, kv_caches, step, output_rows=last_rows)
+        if quantized:  # the same arithmetic per row (oneDNN may pick other kernels for fewer rows)
+            assert torch.equal(sampled, full[last_rows])
+        else:
+            assert_close_to(sampled, full[last_rows])
 
     both([33, 9], [33, 9], requests=[1, 3])  # prompts only
     # a fresh 21-token prompt, a 17-token chunk after 33 cached tokens, a one-token prompt and a decode
@@ -184,6 +192,8 @@ def test_the_stack_checks_its_inputs() -> None:
         decode(torch.tensor([5]), beyond_rotary_table, kv_caches, step)
     with pytest.raises(RuntimeError, match="one KV cache per layer"):
         decode(torch.tensor([5]), torch.tensor([2]), kv_caches[:1], step)
+    with pytest.raises(RuntimeError, match="output row 1 is not one of the 1 rows"):
+        decode(torch.tensor([5]), torch.tensor([2]), kv_caches, step, output_rows=torch.tensor([1]))
     with pytest.raises(ValueError, match="runs decode-only steps"):  # head size 16 has no prefill kernel
         decode(torch.tensor([5, 6, 7]), torch.arange(3), kv_caches, metadata([3], [3]))
 
