@@ -125,6 +125,26 @@ def test_prompt_sized_calls_round_the_weights_to_bf16_once():
     assert torch.equal(y.to(torch.bfloat16), cpu_quant.group_quant_linear(x, blocks))
 
 
+@pytest.mark.parametrize("rows", [1, 8, 17, 48, 57])
+def test_the_gated_mlp_input_is_silu_of_the_gate_times_the_up_projection(rows):
+    """The decoder stack's fused gate/up matmul (bindings: group_quant_gated_linear) equals
+    silu(gate) * up computed from group_quant_linear's bf16 [gate | up] output, to the last bit
+    of bf16 (its exp is ATen's vectorized one, torch.exp here), on both kernel paths, with a bias."""
+    from tessera.backends.cpu import kernels
+
+    q, scales_zeros, _ = random_groups(2 * 96, 576, seed=rows)
+    blocks, x = cpu_quant.repack(q, scales_zeros), random_inputs(rows, 576, seed=rows)
+    bias = torch.randn(2 * 96).to(torch.bfloat16)
+    both = cpu_quant.group_quant_linear(x, blocks, bias).float()
+    gate, up = both[:, :96], both[:, 96:]
+    expected = (gate / (1 + torch.exp(-gate)) * up).to(torch.bfloat16)
+    fused = kernels.load().group_quant_gated_linear(x, blocks.packed, blocks.scales_mins, bias)
+    assert fused.shape == (rows, 96) and fused.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.float(), expected.float(), rtol=2**-7, atol=1e-6)
+    with pytest.raises(RuntimeError, match="4-bit codes of an even number"):
+        kernels.load().group_quant_gated_linear(x, blocks.packed[:5].contiguous(), blocks.scales_mins[:5].contiguous())
+
+
 def test_adds_the_bias_and_keeps_leading_dimensions():
     for bits in (4, 8):
         q, scales_zeros, weight = random_groups(32, 64, seed=1, bits=bits)

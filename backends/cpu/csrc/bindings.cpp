@@ -16,6 +16,8 @@ void paged_prefill_attention(at::Tensor out, const at::Tensor& query, const at::
                              double scale);
 std::vector<int64_t> prefill_attention_head_dims();
 bool group_quant_linear_supported();  // group_quant_linear.cpp, which registers tessera::group_quant_linear
+torch::Tensor group_quant_gated_linear(const torch::Tensor& input, const torch::Tensor& packed,
+                                       const torch::Tensor& scales_mins, const c10::optional<torch::Tensor>& bias);
 void bind_decoder_stack(pybind11::module& m);  // decoder_stack.cpp: the DecoderStack class
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -31,5 +33,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the head sizes paged_prefill_attention is built for on this CPU (bf16 caches)");
   m.def("group_quant_linear_supported", &group_quant_linear_supported,
         "whether torch.ops.tessera.group_quant_linear was built (it needs AVX512-BF16 and VNNI)");
+  m.def("group_quant_gated_linear", &group_quant_gated_linear,
+        "silu(x W_gate^T) * (x W_up^T) for 4-bit groups of [W_gate | W_up] (the decoder stack's gated MLP)",
+        pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("scales_mins"), pybind11::arg("bias") = pybind11::none());
   bind_decoder_stack(m);
 }

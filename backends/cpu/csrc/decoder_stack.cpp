@@ -38,6 +38,8 @@
 torch::Tensor group_quant_linear(const torch::Tensor& input, const torch::Tensor& packed,
                                  const torch::Tensor& scales_mins, const c10::optional<torch::Tensor>& bias,
                                  c10::optional<at::ScalarType> out_dtype);
+torch::Tensor group_quant_gated_linear(const torch::Tensor& input, const torch::Tensor& packed,
+                                       const torch::Tensor& scales_mins, const c10::optional<torch::Tensor>& bias);
 at::Tensor paged_decode_step(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                              at::Tensor kv_cache, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                              const at::Tensor& seq_lens, double scale);
@@ -219,6 +221,17 @@ struct StepLayout {
   bool has_prefills() const { return prefill_tables.has_value(); }
 };
 
+// silu(h W_gate^T) * (h W_up^T) for h (rows, hidden): fused into the matmul for 4-bit groups
+// (group_quant_gated_linear, the same bits), else the matmul's [gate | up] and then silu_mul.
+at::Tensor gated_mlp_input(const Linear& gate_up, const at::Tensor& h) {
+  if (gate_up.is_group_quant()) return group_quant_gated_linear(h, gate_up.packed, *gate_up.scales_mins, gate_up.bias);
+  const at::Tensor both = gate_up(h);
+  const int64_t rows = h.size(0), width = both.size(1) / 2;
+  at::Tensor activated = at::empty({rows, width}, h.options());
+  silu_mul(both.data_ptr<bf16>(), activated.data_ptr<bf16>(), rows, width);
+  return activated;
+}
+
 class DecoderStack {
  public:
   // norms: input and post-attention norm weights, 2 per layer; packed, scales_mins, biases: the
@@ -318,11 +331,7 @@ class DecoderStack {
       const at::Tensor attn_out = layer.o(attended);
       add_rms_norm(residual.data_ptr<bf16>(), attn_out.data_ptr<bf16>(), layer.post_attention_norm.data_ptr<bf16>(),
                    normed.data_ptr<bf16>(), live_rows, hidden_, eps_);
-      const at::Tensor gate_up = layer.gate_up(normed);
-      const int64_t width = gate_up.size(1) / 2;
-      at::Tensor activated = at::empty({live_rows, width}, residual.options());
-      silu_mul(gate_up.data_ptr<bf16>(), activated.data_ptr<bf16>(), live_rows, width);
-      mlp_out = layer.down(activated);
+      mlp_out = layer.down(gated_mlp_input(layer.gate_up, normed));
     }
     if (layers_.empty() && output_rows.has_value()) {
       residual = residual.index_select(0, *output_rows);

@@ -35,15 +35,22 @@
 // - 8 bits: a group of a block is 8 chunks of 64 bytes; byte 4 j + i of chunk c is column j's
 //   input 4 c + i: the 16 lanes x 4 bytes `vpdpbusd` takes.
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// ATen's AVX-512 vector types, for exp_u20 (as in csrc/decoder_stack.cpp)
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#endif
 #include <torch/extension.h>
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define TESSERA_GROUP_QUANT_LINEAR 1
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 #endif
 
@@ -120,6 +127,36 @@ inline void store_block_row(at::BFloat16* y, __m512 values) {
 }
 inline void store_block_row(float* y, __m512 values) { _mm512_storeu_ps(y, values); }
 
+// Where the 4-bit kernels put a block's rows (16 columns each, bias added): the output rows, or
+// one of the two passes of a gated MLP (gated_linear, below).
+template <typename Out>
+struct RowStore {
+  Out* y;
+  int64_t ldy;
+  void operator()(int r, __m512 values) const { store_block_row(y + r * ldy, values); }
+};
+
+inline __m512 round_to_bf16(__m512 v) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(v)); }
+
+// The gate pass keeps each row's 16 gate values, rounded to bf16 as the layer's output would be.
+struct GateStore {
+  float* gate;  // (rows, 16)
+  void operator()(int r, __m512 values) const { _mm512_storeu_ps(gate + 16 * r, round_to_bf16(values)); }
+};
+
+// The up pass writes silu(gate) * up, computed as the decoder stack's silu_mul computes it from
+// the bf16 gate and up values (csrc/decoder_stack.cpp), so fusing changes no bit of the output.
+struct GatedStore {
+  const float* gate;  // (rows, 16), from the gate pass
+  at::BFloat16* y;
+  int64_t ldy;
+  void operator()(int r, __m512 values) const {
+    const __m512 g = _mm512_loadu_ps(gate + 16 * r), up = round_to_bf16(values);
+    const __m512 e = static_cast<__m512>(at::vec::Vectorized<float>(_mm512_sub_ps(_mm512_setzero_ps(), g)).exp_u20());
+    store_block_row(y + r * ldy, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)), up));
+  }
+};
+
 // 8-bit codes, 8-bit activations: one block of 16 columns for R rows of one chunk of QuantizedRows.
 template <int R, typename Out>
 inline void int8_block_rows(const int32_t* x_quads, const float* x_scale, const float* x_sum, const int32_t* x_offset,
@@ -172,10 +209,10 @@ inline void unpack_4bit_chunk(const uint8_t* chunk, __m512i pair[4]) {
 }
 
 // 4-bit codes, bf16 activations: one block of 16 columns for R rows, y[r, cols] = sum over groups.
-template <int R, typename Out>
+template <int R, typename Store>
 inline void bf16_block_rows(const uint32_t* x_pairs, int64_t pairs_per_row, const float* x_group_sums,
                        int64_t groups, const uint8_t* weights, const at::Half* scales_mins,
-                       const float* bias, Out* y, int64_t ldy) {
+                       const float* bias, const Store& store) {
   const __m512 shift = _mm512_set1_ps(128.0f);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -210,17 +247,17 @@ inline void bf16_block_rows(const uint32_t* x_pairs, int64_t pairs_per_row, cons
     }
   }
   const __m512 b = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
-  for (int r = 0; r < R; ++r) store_block_row(y + r * ldy, _mm512_add_ps(acc[r], b));
+  for (int r = 0; r < R; ++r) store(r, _mm512_add_ps(acc[r], b));
 }
 
-template <typename Out>
+template <typename Store>
 using Bf16BlockFn = void (*)(const uint32_t*, int64_t, const float*, int64_t, const uint8_t*, const at::Half*,
-                            const float*, Out*, int64_t);
-template <typename Out>
-constexpr Bf16BlockFn<Out> kBf16BlockFns[kMaxRows + 1] = {
-    nullptr,                 bf16_block_rows<1, Out>, bf16_block_rows<2, Out>, bf16_block_rows<3, Out>,
-    bf16_block_rows<4, Out>, bf16_block_rows<5, Out>, bf16_block_rows<6, Out>, bf16_block_rows<7, Out>,
-    bf16_block_rows<8, Out>};
+                            const float*, const Store&);
+template <typename Store>
+constexpr Bf16BlockFn<Store> kBf16BlockFns[kMaxRows + 1] = {
+    nullptr,                   bf16_block_rows<1, Store>, bf16_block_rows<2, Store>, bf16_block_rows<3, Store>,
+    bf16_block_rows<4, Store>, bf16_block_rows<5, Store>, bf16_block_rows<6, Store>, bf16_block_rows<7, Store>,
+    bf16_block_rows<8, Store>};
 
 template <typename Out>
 using Int8BlockFn = void (*)(const int32_t*, const float*, const float*, const int32_t*, int64_t, const uint8_t*,
@@ -272,9 +309,9 @@ inline void dequantize_block(const uint8_t* weights, const at::Half* scales_mins
 }
 
 // Plain bf16 dot products of R rows against a dequantized block (16 columns).
-template <int R, typename Out>
+template <int R, typename Store>
 inline void dense_block_rows(const uint32_t* x_pairs, int64_t pairs_per_row, const uint32_t* weights, int64_t pairs,
-                             const float* bias, Out* y, int64_t ldy) {
+                             const float* bias, const Store& store) {
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   const uint32_t* xr[R];
@@ -285,56 +322,101 @@ inline void dense_block_rows(const uint32_t* x_pairs, int64_t pairs_per_row, con
     for (int r = 0; r < R; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], w, (__m512bh)_mm512_set1_epi32(xr[r][p]));
   }
   const __m512 b = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
-  for (int r = 0; r < R; ++r) store_block_row(y + r * ldy, _mm512_add_ps(acc[r], b));
+  for (int r = 0; r < R; ++r) store(r, _mm512_add_ps(acc[r], b));
 }
 
-template <typename Out>
-using DenseBlockFn = void (*)(const uint32_t*, int64_t, const uint32_t*, int64_t, const float*, Out*, int64_t);
-template <typename Out>
-constexpr DenseBlockFn<Out> kDenseBlockFns[kMaxRows + 1] = {
-    nullptr,                  dense_block_rows<1, Out>, dense_block_rows<2, Out>, dense_block_rows<3, Out>,
-    dense_block_rows<4, Out>, dense_block_rows<5, Out>, dense_block_rows<6, Out>, dense_block_rows<7, Out>,
-    dense_block_rows<8, Out>};
+template <typename Store>
+using DenseBlockFn = void (*)(const uint32_t*, int64_t, const uint32_t*, int64_t, const float*, const Store&);
+template <typename Store>
+constexpr DenseBlockFn<Store> kDenseBlockFns[kMaxRows + 1] = {
+    nullptr,                    dense_block_rows<1, Store>, dense_block_rows<2, Store>, dense_block_rows<3, Store>,
+    dense_block_rows<4, Store>, dense_block_rows<5, Store>, dense_block_rows<6, Store>, dense_block_rows<7, Store>,
+    dense_block_rows<8, Store>};
+
+// Per row and group of 32 inputs, the sum of the (bf16) inputs: the exact kernel's zero-point term.
+std::vector<float> input_group_sums(const at::BFloat16* xd, int64_t rows, int64_t in_features) {
+  const int64_t groups = in_features / kGroup;
+  std::vector<float> sums(rows * groups);
+  for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const at::BFloat16* src = xd + m * in_features + g * kGroup;
+      const __m512 lo = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+      const __m512 hi = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 16)));
+      sums[m * groups + g] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+    }
+  }
+  return sums;
+}
+
+// The 4-bit kernel over one block for the chunk of up to kMaxRows rows starting at row m: on the
+// dequantized block (prompt-sized calls) or on its codes, with the rows' group sums.
+struct BlockChunks {
+  const uint32_t* x_pairs;
+  int64_t rows, pairs_per_row, groups;
+  const float* group_sums;  // null: the block comes dequantized
+
+  template <typename Store>
+  void operator()(int64_t m, const uint8_t* codes, const at::Half* scales_mins, const uint32_t* dequantized,
+                  const float* bias, const Store& store) const {
+    const int64_t count = std::min<int64_t>(kMaxRows, rows - m);
+    if (group_sums == nullptr)
+      kDenseBlockFns<Store>[count](x_pairs + m * pairs_per_row, pairs_per_row, dequantized, pairs_per_row, bias, store);
+    else
+      kBf16BlockFns<Store>[count](x_pairs + m * pairs_per_row, pairs_per_row, group_sums + m * groups, groups, codes,
+                                  scales_mins, bias, store);
+  }
+};
 
 // y = x W^T for 4-bit codes, bf16 activations.
 template <typename Out>
 void bf16_linear(const at::BFloat16* xd, int64_t rows, int64_t in_features, int64_t blocks, const uint8_t* wd,
                  const at::Half* dm, const float* bias, Out* yd, int64_t out_features) {
-  const int64_t groups = in_features / kGroup;
-  const auto* x_pairs = reinterpret_cast<const uint32_t*>(xd);
-  const int64_t pairs_per_row = in_features / 2;
-  if (rows >= kDequantizeFromRows) {
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<uint32_t> block(pairs_per_row * kBlock);
-      for (int64_t b = begin; b < end; ++b) {
-        dequantize_block(wd + b * groups * k4BitGroupBytes, dm + b * groups * 2 * kBlock, groups, block.data());
-        for (int64_t m = 0; m < rows; m += kMaxRows) {
-          const int64_t count = std::min<int64_t>(kMaxRows, rows - m);
-          kDenseBlockFns<Out>[count](x_pairs + m * pairs_per_row, pairs_per_row, block.data(), pairs_per_row,
-                                     bias ? bias + b * kBlock : nullptr, yd + m * out_features + b * kBlock,
-                                     out_features);
-        }
-      }
-    });
-    return;
-  }
-  std::vector<float> group_sums(rows * groups);  // per row and group, the sum of the (bf16) inputs
-  for (int64_t m = 0; m < rows; ++m) {
-    for (int64_t g = 0; g < groups; ++g) {
-      const __m512 lo = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(xd + m * in_features + g * kGroup)));
-      const __m512 hi = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(xd + m * in_features + g * kGroup + 16)));
-      group_sums[m * groups + g] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
-    }
-  }
+  const int64_t groups = in_features / kGroup, pairs_per_row = in_features / 2;
+  const bool dequantize = rows >= kDequantizeFromRows;
+  const std::vector<float> group_sums = dequantize ? std::vector<float>() : input_group_sums(xd, rows, in_features);
+  const BlockChunks chunk{reinterpret_cast<const uint32_t*>(xd), rows, pairs_per_row, groups,
+                          dequantize ? nullptr : group_sums.data()};
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> block(dequantize ? pairs_per_row * kBlock : 0);
     for (int64_t b = begin; b < end; ++b) {
+      const uint8_t* codes = wd + b * groups * k4BitGroupBytes;
+      const at::Half* scales_mins = dm + b * groups * 2 * kBlock;
+      if (dequantize) dequantize_block(codes, scales_mins, groups, block.data());
+      for (int64_t m = 0; m < rows; m += kMaxRows)
+        chunk(m, codes, scales_mins, block.data(), bias ? bias + b * kBlock : nullptr,
+              RowStore<Out>{yd + m * out_features + b * kBlock, out_features});
+    }
+  });
+}
+
+// y = silu(x W_gate^T) * (x W_up^T) for a 4-bit [gate | up] weight with 2 width outputs; y is
+// (rows, width) bf16. Block j of the gate and block j of the up projection run one after the
+// other on each chunk of rows, the gate's values kept in a 512-byte buffer, so the activation
+// needs no pass of its own over a (rows, 2 width) product written out and read back.
+void gated_linear(const at::BFloat16* xd, int64_t rows, int64_t in_features, int64_t blocks, const uint8_t* wd,
+                  const at::Half* dm, const float* bias, at::BFloat16* yd) {
+  const int64_t groups = in_features / kGroup, pairs_per_row = in_features / 2;
+  const int64_t half = blocks / 2, width = half * kBlock;
+  const bool dequantize = rows >= kDequantizeFromRows;
+  const std::vector<float> group_sums = dequantize ? std::vector<float>() : input_group_sums(xd, rows, in_features);
+  const BlockChunks chunk{reinterpret_cast<const uint32_t*>(xd), rows, pairs_per_row, groups,
+                          dequantize ? nullptr : group_sums.data()};
+  at::parallel_for(0, half, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> gate_block(dequantize ? pairs_per_row * kBlock : 0), up_block(gate_block.size());
+    alignas(64) float gate[kMaxRows * kBlock];
+    for (int64_t j = begin; j < end; ++j) {
+      const uint8_t* gate_codes = wd + j * groups * k4BitGroupBytes;
+      const uint8_t* up_codes = wd + (j + half) * groups * k4BitGroupBytes;
+      const at::Half* gate_scales = dm + j * groups * 2 * kBlock;
+      const at::Half* up_scales = dm + (j + half) * groups * 2 * kBlock;
+      if (dequantize) {
+        dequantize_block(gate_codes, gate_scales, groups, gate_block.data());
+        dequantize_block(up_codes, up_scales, groups, up_block.data());
+      }
       for (int64_t m = 0; m < rows; m += kMaxRows) {
-        const int64_t count = std::min<int64_t>(kMaxRows, rows - m);
-        kBf16BlockFns<Out>[count](x_pairs + m * pairs_per_row, pairs_per_row, group_sums.data() + m * groups, groups,
-                             wd + b * groups * k4BitGroupBytes, dm + b * groups * 2 * kBlock,
-                             bias ? bias + b * kBlock : nullptr, yd + m * out_features + b * kBlock, out_features);
+        chunk(m, gate_codes, gate_scales, gate_block.data(), bias ? bias + j * kBlock : nullptr, GateStore{gate});
+        chunk(m, up_codes, up_scales, up_block.data(), bias ? bias + (j + half) * kBlock : nullptr,
+              GatedStore{gate, yd + m * width + j * kBlock, width});
       }
     }
   });
@@ -371,47 +453,82 @@ void run_linear(int bits, const at::BFloat16* xd, int64_t rows, int64_t in_featu
   linear(xd, rows, in_features, blocks, wd, dm, bias, yd, out_features);
 }
 
-// x: (..., K) bf16; packed: (N/16, K/32, 256) uint8 for 4-bit codes, (N/16, K/32, 512) for 8-bit;
-// scales_mins: (N/16, K/32, 32) fp16, per block and group the 16 columns' d, then their m; bias:
-// (N,) or none. Returns (..., N) in out_dtype: bf16 (the default) or float32.
+namespace {
+
+// A call's inputs, checked: x: (..., K) bf16; packed: (N/16, K/32, 256) uint8 for 4-bit codes,
+// (N/16, K/32, 512) for 8-bit; scales_mins: (N/16, K/32, 32) fp16, per block and group the 16
+// columns' d, then their m; bias: (N,) or none.
+struct GroupQuantCall {
+  torch::Tensor x, bias_fp32;  // x as (rows, K), contiguous
+  int bits;
+  int64_t rows, in_features, blocks;
+
+  GroupQuantCall(const char* op, const torch::Tensor& input, const torch::Tensor& packed,
+                 const torch::Tensor& scales_mins, const c10::optional<torch::Tensor>& bias) {
+    TORCH_CHECK(input.dim() >= 1 && input.scalar_type() == at::kBFloat16 && input.device().is_cpu(), op,
+                ": x must be a bf16 CPU tensor");
+    TORCH_CHECK(packed.dim() == 3 && (packed.size(2) == 256 || packed.size(2) == 512) &&
+                    packed.scalar_type() == at::kByte && packed.is_contiguous(),
+                op, ": packed must be a contiguous (N/16, K/32, 256 or 512) uint8 tensor");
+    bits = packed.size(2) == k4BitGroupBytes ? 4 : 8;
+    in_features = input.size(-1);
+    x = input.reshape({-1, in_features}).contiguous();
+    rows = x.size(0);
+    blocks = packed.size(0);
+    const int64_t groups = packed.size(1);
+    TORCH_CHECK(groups * kGroup == in_features, op, ": x has ", in_features, " inputs, the weight ", groups * kGroup);
+    TORCH_CHECK(scales_mins.scalar_type() == at::kHalf && scales_mins.is_contiguous() &&
+                    scales_mins.numel() == blocks * groups * 2 * kBlock,
+                op, ": scales_mins must be a contiguous (N/16, K/32, 32) fp16 tensor");
+    if (bias.has_value() && bias->defined()) {
+      TORCH_CHECK(bias->numel() == blocks * kBlock, op, ": bias must have ", blocks * kBlock, " values");
+      bias_fp32 = bias->to(at::kFloat).contiguous();
+    }
+  }
+  const float* bias_data() const { return bias_fp32.defined() ? bias_fp32.data_ptr<float>() : nullptr; }
+  torch::Tensor empty_output(const torch::Tensor& input, int64_t features, at::ScalarType dtype) const {
+    std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
+    shape.back() = features;
+    return torch::empty(shape, x.options().dtype(dtype));
+  }
+};
+
+}  // namespace
+
+// y = x W^T (+ bias), (..., N) in out_dtype: bf16 (the default) or float32.
 torch::Tensor group_quant_linear(const torch::Tensor& input, const torch::Tensor& packed,
                                  const torch::Tensor& scales_mins, const c10::optional<torch::Tensor>& bias,
                                  c10::optional<at::ScalarType> out_dtype) {
-  TORCH_CHECK(input.dim() >= 1 && input.scalar_type() == at::kBFloat16 && input.device().is_cpu(),
-              "group_quant_linear: x must be a bf16 CPU tensor");
-  TORCH_CHECK(packed.dim() == 3 && (packed.size(2) == 256 || packed.size(2) == 512) &&
-                  packed.scalar_type() == at::kByte && packed.is_contiguous(),
-              "group_quant_linear: packed must be a contiguous (N/16, K/32, 256 or 512) uint8 tensor");
-  const int bits = packed.size(2) == k4BitGroupBytes ? 4 : 8;
-  const int64_t in_features = input.size(-1);
-  const torch::Tensor x = input.reshape({-1, in_features}).contiguous();
-  const int64_t rows = x.size(0);
-  const int64_t blocks = packed.size(0), groups = packed.size(1);
-  TORCH_CHECK(groups * kGroup == in_features, "group_quant_linear: x has ", in_features, " inputs, the weight ",
-              groups * kGroup);
-  TORCH_CHECK(scales_mins.scalar_type() == at::kHalf && scales_mins.is_contiguous() &&
-                  scales_mins.numel() == blocks * groups * 2 * kBlock,
-              "group_quant_linear: scales_mins must be a contiguous (N/16, K/32, 32) fp16 tensor");
-  const int64_t out_features = blocks * kBlock;
+  const GroupQuantCall call("group_quant_linear", input, packed, scales_mins, bias);
   const at::ScalarType y_dtype = out_dtype.value_or(at::kBFloat16);
   TORCH_CHECK(y_dtype == at::kBFloat16 || y_dtype == at::kFloat, "group_quant_linear: out_dtype must be bf16 or float32");
-  torch::Tensor bias_fp32;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == out_features, "group_quant_linear: bias must have ", out_features, " values");
-    bias_fp32 = bias->to(at::kFloat).contiguous();
-  }
-  const float* bias_data = bias_fp32.defined() ? bias_fp32.data_ptr<float>() : nullptr;
-  std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
-  out_shape.back() = out_features;
-  auto y = torch::empty(out_shape, x.options().dtype(y_dtype));
-  if (rows == 0) return y;
-
+  const int64_t out_features = call.blocks * kBlock;
+  torch::Tensor y = call.empty_output(input, out_features, y_dtype);
+  if (call.rows == 0) return y;
+  const auto* xd = call.x.data_ptr<at::BFloat16>();
+  const auto* wd = packed.data_ptr<uint8_t>();
+  const auto* dm = scales_mins.data_ptr<at::Half>();
   if (y_dtype == at::kFloat)
-    run_linear(bits, x.data_ptr<at::BFloat16>(), rows, in_features, blocks, packed.data_ptr<uint8_t>(),
-               scales_mins.data_ptr<at::Half>(), bias_data, y.data_ptr<float>(), out_features);
+    run_linear(call.bits, xd, call.rows, call.in_features, call.blocks, wd, dm, call.bias_data(), y.data_ptr<float>(),
+               out_features);
   else
-    run_linear(bits, x.data_ptr<at::BFloat16>(), rows, in_features, blocks, packed.data_ptr<uint8_t>(),
-               scales_mins.data_ptr<at::Half>(), bias_data, y.data_ptr<at::BFloat16>(), out_features);
+    run_linear(call.bits, xd, call.rows, call.in_features, call.blocks, wd, dm, call.bias_data(),
+               y.data_ptr<at::BFloat16>(), out_features);
+  return y;
+}
+
+// y = silu(x W_gate^T) * (x W_up^T) for 4-bit codes of [W_gate | W_up] (N outputs, gate first):
+// (..., N/2) bf16, bit for bit the bf16 product of group_quant_linear followed by the decoder
+// stack's silu_mul, without the (..., N) product in between.
+torch::Tensor group_quant_gated_linear(const torch::Tensor& input, const torch::Tensor& packed,
+                                       const torch::Tensor& scales_mins, const c10::optional<torch::Tensor>& bias) {
+  const GroupQuantCall call("group_quant_gated_linear", input, packed, scales_mins, bias);
+  TORCH_CHECK(call.bits == 4 && call.blocks % 2 == 0,
+              "group_quant_gated_linear: packed must hold 4-bit codes of an even number of 16-column blocks");
+  torch::Tensor y = call.empty_output(input, call.blocks / 2 * kBlock, at::kBFloat16);
+  if (call.rows == 0) return y;
+  gated_linear(call.x.data_ptr<at::BFloat16>(), call.rows, call.in_features, call.blocks, packed.data_ptr<uint8_t>(),
+               scales_mins.data_ptr<at::Half>(), call.bias_data(), y.data_ptr<at::BFloat16>());
   return y;
 }
 
@@ -420,6 +537,11 @@ torch::Tensor group_quant_linear(const torch::Tensor& input, const torch::Tensor
 torch::Tensor group_quant_linear(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
                                  const c10::optional<torch::Tensor>&, c10::optional<at::ScalarType>) {
   TORCH_CHECK(false, "group_quant_linear needs a CPU with AVX512-BF16 and AVX512-VNNI (and a build for it)");
+}
+
+torch::Tensor group_quant_gated_linear(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
+                                       const c10::optional<torch::Tensor>&) {
+  TORCH_CHECK(false, "group_quant_gated_linear needs a CPU with AVX512-BF16 and AVX512-VNNI (and a build for it)");
 }
 
 #endif  // TESSERA_GROUP_QUANT_LINEAR
