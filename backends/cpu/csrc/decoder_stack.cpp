@@ -202,6 +202,17 @@ void silu_mul(const bf16* gate_up, bf16* out, int64_t rows, int64_t width) {
   });
 }
 
+// silu(h W_gate^T) * (h W_up^T) for h (rows, hidden): fused into the matmul for 4-bit groups
+// (group_quant_gated_linear, the same bits), else the matmul's [gate | up] and then silu_mul.
+at::Tensor gated_mlp_input(const Linear& gate_up, const at::Tensor& h) {
+  if (gate_up.is_group_quant()) return group_quant_gated_linear(h, gate_up.packed, *gate_up.scales_mins, gate_up.bias);
+  const at::Tensor both = gate_up(h);
+  const int64_t rows = h.size(0), width = both.size(1) / 2;
+  at::Tensor activated = at::empty({rows, width}, h.options());
+  silu_mul(both.data_ptr<bf16>(), activated.data_ptr<bf16>(), rows, width);
+  return activated;
+}
+
 void check_bf16_vector(const at::Tensor& t, int64_t size, const char* what) {
   TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.dim() == 1 && t.size(0) == size && t.is_contiguous(), "decoder stack: ",
               what, " must be a contiguous bf16 vector of ", size);
@@ -220,17 +231,6 @@ struct StepLayout {
 
   bool has_prefills() const { return prefill_tables.has_value(); }
 };
-
-// silu(h W_gate^T) * (h W_up^T) for h (rows, hidden): fused into the matmul for 4-bit groups
-// (group_quant_gated_linear, the same bits), else the matmul's [gate | up] and then silu_mul.
-at::Tensor gated_mlp_input(const Linear& gate_up, const at::Tensor& h) {
-  if (gate_up.is_group_quant()) return group_quant_gated_linear(h, gate_up.packed, *gate_up.scales_mins, gate_up.bias);
-  const at::Tensor both = gate_up(h);
-  const int64_t rows = h.size(0), width = both.size(1) / 2;
-  at::Tensor activated = at::empty({rows, width}, h.options());
-  silu_mul(both.data_ptr<bf16>(), activated.data_ptr<bf16>(), rows, width);
-  return activated;
-}
 
 class DecoderStack {
  public:
@@ -313,6 +313,11 @@ class DecoderStack {
     at::Tensor v = at::empty_like(k);
     at::Tensor mlp_out;  // the previous layer's, added to the residual stream by the next norm
     int64_t live_rows = rows;  // rows still carried: all, until the last layer drops the unused
+    const auto keep_output_rows = [&] {  // from here on, the output rows alone
+      residual = residual.index_select(0, *output_rows);
+      normed = at::empty_like(residual);
+      live_rows = residual.size(0);
+    };
     for (size_t i = 0; i < layers_.size(); ++i) {
       const Layer& layer = layers_[i];
       add_rms_norm(residual.data_ptr<bf16>(), mlp_out.defined() ? mlp_out.data_ptr<bf16>() : nullptr,
@@ -322,22 +327,16 @@ class DecoderStack {
                    cos_.size(0), cos_.size(1), num_heads_, num_kv_heads_, head_dim_, q.data_ptr<bf16>(),
                    k.data_ptr<bf16>(), v.data_ptr<bf16>(), rows);
       at::Tensor attended = attend(q, k, v, kv_caches[i], layout).view({rows, num_heads_ * head_dim_});
-      if (i + 1 == layers_.size() && output_rows.has_value()) {  // from here on, the output rows alone
+      if (i + 1 == layers_.size() && output_rows.has_value()) {
         attended = attended.index_select(0, *output_rows);
-        residual = residual.index_select(0, *output_rows);
-        normed = at::empty_like(residual);
-        live_rows = residual.size(0);
+        keep_output_rows();
       }
       const at::Tensor attn_out = layer.o(attended);
       add_rms_norm(residual.data_ptr<bf16>(), attn_out.data_ptr<bf16>(), layer.post_attention_norm.data_ptr<bf16>(),
                    normed.data_ptr<bf16>(), live_rows, hidden_, eps_);
       mlp_out = layer.down(gated_mlp_input(layer.gate_up, normed));
     }
-    if (layers_.empty() && output_rows.has_value()) {
-      residual = residual.index_select(0, *output_rows);
-      normed = at::empty_like(residual);
-      live_rows = residual.size(0);
-    }
+    if (layers_.empty() && output_rows.has_value()) keep_output_rows();
     add_rms_norm(residual.data_ptr<bf16>(), mlp_out.defined() ? mlp_out.data_ptr<bf16>() : nullptr,
                  final_norm_.data_ptr<bf16>(), normed.data_ptr<bf16>(), live_rows, hidden_, eps_);
     return normed;
