@@ -18,6 +18,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import tessera
+from tessera.api import event_loop
 from tessera.api.chat_template import check_no_chat_template, resolve_chat_template
 from tessera.api.errors import error_response, install_error_handlers
 from tessera.api.metrics import CONTENT_TYPE, ServerMetrics, StatsLogger
@@ -326,7 +327,7 @@ def run_server(ns: Any) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # while the engine loads: unwind, shutting it down
     try:
-        return asyncio.run(serve(ns))
+        return event_loop.run(serve(ns))
     except TesseraError as exc:
         logger.error("%s", exc.message)
         return 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import os
 import shlex
@@ -19,6 +18,7 @@ import _hf  # noqa: E402
 import _report  # noqa: E402
 from _servers import Server, free_port  # noqa: E402
 
+from tessera.api import event_loop  # noqa: E402
 from tessera.api.bench import serve as bench  # noqa: E402
 from tessera.api.bench.datasets import BenchRequest, load_tokenizer, random_requests  # noqa: E402
 from tessera.core.model_source import default_model_path  # noqa: E402
@@ -73,7 +73,7 @@ def run_scenarios(server: Server, requests: dict[str, list[BenchRequest]], timeo
     results: dict[str, Any] = {}
     for s in SCENARIOS:
         print(f"[{server.name}] {s.name}: {len(requests[s.name])} requests ...", flush=True)
-        metrics = asyncio.run(bench.run_benchmark(requests[s.name], client_args(server, s.max_concurrency, timeout_s)))
+        metrics = event_loop.run(bench.run_benchmark(requests[s.name], client_args(server, s.max_concurrency, timeout_s)))
         metrics.pop("generated_texts")
         results[s.name] = metrics
         print(bench.format_table(metrics, ["ttft", "tpot"], [99], f"{server.name}: {s.name}"), flush=True)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from tessera.api import event_loop
 from tessera.api.bench.datasets import (
     BenchRequest,
     load_tokenizer,
@@ -250,7 +251,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run `tessera bench serve` with parsed flags: print the table, save the JSON if asked."""
     normalize_args(args)
     requests = build_requests(args)
-    metrics = asyncio.run(run_benchmark(requests, args))
+    metrics = event_loop.run(run_benchmark(requests, args))
     print(format_table(metrics, args.percentile_metrics, args.metric_percentiles))
     failed = [e for e in metrics["errors"] if e]
     if failed:
