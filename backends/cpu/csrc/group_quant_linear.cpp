@@ -70,6 +70,12 @@ constexpr int kBlock = 16;             // output columns per block (one zmm of s
 constexpr int k4BitGroupBytes = 256;   // one group of one column block, 4-bit codes
 constexpr int k8BitGroupBytes = 512;   // the same, 8-bit codes
 constexpr int kMaxRows = 8;            // rows sharing each decoded weight register
+// While the kernels run a block for its first chunk of rows, they ask for the codes of the block
+// this far ahead of it (in the same thread's range) into L2, a group at a time. Every decode step
+// streams the model's weights (~76 MB) and the LM head's table (28 MB) from L3 or memory, and the
+// hardware's prefetch alone left the kernels waiting: the LM head at 32 rows took ~13% longer,
+// the decoder stack's step ~7% longer at 8 requests and ~3% at 32 (docs/benchmarks.md).
+constexpr int64_t kPrefetchBlocks = 4;
 
 // The activations in 8 bits: per row and group, x ~ scale * q, arranged for the kernel. Rows go
 // in chunks of kMaxRows (the last one may be shorter); within a chunk of n rows, per group, quad c
@@ -156,16 +162,23 @@ struct GatedStore {
   }
 };
 
+// Asks for one group of a block's codes (bytes long) into L2.
+inline void prefetch_group(const uint8_t* codes, int bytes) {
+  for (int line = 0; line < bytes; line += 64) _mm_prefetch(reinterpret_cast<const char*>(codes + line), _MM_HINT_T1);
+}
+
 // 8-bit codes, 8-bit activations: one block of 16 columns for R rows of one chunk of QuantizedRows.
+// prefetch: a later block's codes (kPrefetchBlocks), or null.
 template <int R, typename Out>
 inline void int8_block_rows(const int32_t* x_quads, const float* x_scale, const float* x_sum, const int32_t* x_offset,
                             int64_t groups, const uint8_t* weights, const at::Half* scales_mins, const float* bias,
-                            Out* y, int64_t ldy) {
+                            Out* y, int64_t ldy, const uint8_t* prefetch) {
   const __m512 shift = _mm512_set1_ps(128.0f);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* w = weights + g * k8BitGroupBytes;
+    if (prefetch != nullptr) prefetch_group(prefetch + g * k8BitGroupBytes, k8BitGroupBytes);
     const int32_t* xg = x_quads + g * kQuads * R;
     const int32_t* og = x_offset + g * R;
     __m512i dot[R];
@@ -208,10 +221,11 @@ inline void unpack_4bit_chunk(const uint8_t* chunk, __m512i pair[4]) {
 }
 
 // 4-bit codes, bf16 activations: one block of 16 columns for R rows, y[r, cols] = sum over groups.
+// prefetch: a later block's codes (kPrefetchBlocks), or null.
 template <int R, typename Store>
 inline void bf16_block_rows(const uint32_t* x_pairs, int64_t pairs_per_row, const float* x_group_sums,
                        int64_t groups, const uint8_t* weights, const at::Half* scales_mins,
-                       const float* bias, const Store& store) {
+                       const float* bias, const Store& store, const uint8_t* prefetch) {
   const __m512 shift = _mm512_set1_ps(128.0f);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -224,6 +238,7 @@ inline void bf16_block_rows(const uint32_t* x_pairs, int64_t pairs_per_row, cons
     __m512 dot[R];
     for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_ps();
     const uint8_t* w = weights + g * k4BitGroupBytes;
+    if (prefetch != nullptr) prefetch_group(prefetch + g * k4BitGroupBytes, k4BitGroupBytes);
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) {
       __m512i pair[4];
@@ -251,7 +266,7 @@ inline void bf16_block_rows(const uint32_t* x_pairs, int64_t pairs_per_row, cons
 
 template <typename Store>
 using Bf16BlockFn = void (*)(const uint32_t*, int64_t, const float*, int64_t, const uint8_t*, const at::Half*,
-                            const float*, const Store&);
+                            const float*, const Store&, const uint8_t*);
 template <typename Store>
 constexpr Bf16BlockFn<Store> kBf16BlockFns[kMaxRows + 1] = {
     nullptr,                   bf16_block_rows<1, Store>, bf16_block_rows<2, Store>, bf16_block_rows<3, Store>,
@@ -260,7 +275,7 @@ constexpr Bf16BlockFn<Store> kBf16BlockFns[kMaxRows + 1] = {
 
 template <typename Out>
 using Int8BlockFn = void (*)(const int32_t*, const float*, const float*, const int32_t*, int64_t, const uint8_t*,
-                             const at::Half*, const float*, Out*, int64_t);
+                             const at::Half*, const float*, Out*, int64_t, const uint8_t*);
 template <typename Out>
 constexpr Int8BlockFn<Out> kInt8BlockFns[kMaxRows + 1] = {
     nullptr,                 int8_block_rows<1, Out>, int8_block_rows<2, Out>, int8_block_rows<3, Out>,
@@ -356,13 +371,13 @@ struct BlockChunks {
 
   template <typename Store>
   void operator()(int64_t m, const uint8_t* codes, const at::Half* scales_mins, const uint32_t* dequantized,
-                  const float* bias, const Store& store) const {
+                  const float* bias, const Store& store, const uint8_t* prefetch = nullptr) const {
     const int64_t count = std::min<int64_t>(kMaxRows, rows - m);
     if (group_sums == nullptr)
       kDenseBlockFns<Store>[count](x_pairs + m * pairs_per_row, pairs_per_row, dequantized, pairs_per_row, bias, store);
     else
       kBf16BlockFns<Store>[count](x_pairs + m * pairs_per_row, pairs_per_row, group_sums + m * groups, groups, codes,
-                                  scales_mins, bias, store);
+                                  scales_mins, bias, store, m == 0 ? prefetch : nullptr);
   }
 };
 
@@ -381,9 +396,10 @@ void bf16_linear(const at::BFloat16* xd, int64_t rows, int64_t in_features, int6
       const uint8_t* codes = wd + b * groups * k4BitGroupBytes;
       const at::Half* scales_mins = dm + b * groups * 2 * kBlock;
       if (dequantize) dequantize_block(codes, scales_mins, groups, block.data());
+      const uint8_t* ahead = b + kPrefetchBlocks < end ? wd + (b + kPrefetchBlocks) * groups * k4BitGroupBytes : nullptr;
       for (int64_t m = 0; m < rows; m += kMaxRows)
         chunk(m, codes, scales_mins, block.data(), bias ? bias + b * kBlock : nullptr,
-              RowStore<Out>{yd + m * out_features + b * kBlock, out_features});
+              RowStore<Out>{yd + m * out_features + b * kBlock, out_features}, ahead);
     }
   });
 }
@@ -412,10 +428,14 @@ void gated_linear(const at::BFloat16* xd, int64_t rows, int64_t in_features, int
         dequantize_block(gate_codes, gate_scales, groups, gate_block.data());
         dequantize_block(up_codes, up_scales, groups, up_block.data());
       }
+      const bool has_ahead = j + kPrefetchBlocks < end;
+      const uint8_t* gate_ahead = has_ahead ? gate_codes + kPrefetchBlocks * groups * k4BitGroupBytes : nullptr;
+      const uint8_t* up_ahead = has_ahead ? up_codes + kPrefetchBlocks * groups * k4BitGroupBytes : nullptr;
       for (int64_t m = 0; m < rows; m += kMaxRows) {
-        chunk(m, gate_codes, gate_scales, gate_block.data(), bias ? bias + j * kBlock : nullptr, GateStore{gate});
+        chunk(m, gate_codes, gate_scales, gate_block.data(), bias ? bias + j * kBlock : nullptr, GateStore{gate},
+              gate_ahead);
         chunk(m, up_codes, up_scales, up_block.data(), bias ? bias + (j + half) * kBlock : nullptr,
-              GatedStore{gate, yd + m * width + j * kBlock, width});
+              GatedStore{gate, yd + m * width + j * kBlock, width}, up_ahead);
       }
     }
   });
@@ -429,6 +449,7 @@ void int8_linear(const at::BFloat16* xd, int64_t rows, int64_t in_features, int6
   const QuantizedRows xq = quantize_rows(xd, rows, in_features);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
+      const uint8_t* ahead = b + kPrefetchBlocks < end ? wd + (b + kPrefetchBlocks) * groups * k8BitGroupBytes : nullptr;
       for (int64_t m = 0; m < rows; m += kMaxRows) {
         const int64_t count = std::min<int64_t>(kMaxRows, rows - m);
         const int64_t chunk = m / kMaxRows;
@@ -437,7 +458,8 @@ void int8_linear(const at::BFloat16* xd, int64_t rows, int64_t in_features, int6
                                   xq.scaled_sum.data() + chunk * groups * kMaxRows,
                                   xq.offset.data() + chunk * groups * kMaxRows, groups,
                                   wd + b * groups * k8BitGroupBytes, dm + b * groups * 2 * kBlock,
-                                  bias ? bias + b * kBlock : nullptr, yd + m * out_features + b * kBlock, out_features);
+                                  bias ? bias + b * kBlock : nullptr, yd + m * out_features + b * kBlock, out_features,
+                                  m == 0 ? ahead : nullptr);
       }
     }
   });
