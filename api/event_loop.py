@@ -4,7 +4,7 @@ uvloop is a dependency on Linux and macOS (pyproject.toml), as it is of `uvicorn
 which vLLM installs. The API process's work while streaming is mostly the event loop's (a wake-up
 and a socket write per token of every stream), and on a machine whose cores the engine also uses,
 every CPU-second it spends is taken from the engine: with uvloop a 32-stream decode run costs the
-API process ~25% less CPU (docs/benchmarks.md). Elsewhere asyncio's own loop runs everything.
+API process 15-25% less CPU (docs/benchmarks.md). Elsewhere asyncio's own loop runs everything.
 """
 
 from __future__ import annotations
