@@ -44,6 +44,7 @@ def kernel_available() -> bool:
     if module is None or not module.group_quant_linear_supported():
         return False
     torch.library.register_fake("tessera::group_quant_linear")(_group_quant_linear_shape)
+    torch.library.register_fake("tessera::group_quant_embedding")(_group_quant_embedding_shape)
     return True
 
 
@@ -57,6 +58,12 @@ def _group_quant_linear_shape(
     return x.new_empty(*x.shape[:-1], packed.shape[0] * BLOCK_COLUMNS, dtype=out_dtype or x.dtype)
 
 
+def _group_quant_embedding_shape(
+    ids: torch.Tensor, packed: torch.Tensor, scales_mins: torch.Tensor, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    return ids.new_empty(*ids.shape, packed.shape[1] * GROUP_SIZE, dtype=out_dtype or torch.bfloat16)
+
+
 @functools.cache
 def _chunk_order() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For each of a 4-bit chunk's 64 bytes: which input pair (of the low nibble; the high
@@ -67,21 +74,6 @@ def _chunk_order() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     lane, within = byte // 16, byte % 16
     word = 8 * lane + within % 8
     return within // 8, word // 2, word % 2
-
-
-@functools.cache
-def _4bit_byte_of() -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of `_chunk_order` for lookups: for input k (0..31) of a group and column j, the
-    byte within the group's 256 that holds it, as (K=32, 16) offsets, and the shift of its nibble."""
-    pair, column, within_pair = _chunk_order()
-    offset = torch.empty(GROUP_SIZE, BLOCK_COLUMNS, dtype=torch.long)
-    for chunk in range(4):
-        for byte in range(_CHUNK):
-            for high in (0, 1):
-                k = 8 * chunk + 2 * (int(pair[byte]) + 2 * high) + int(within_pair[byte])
-                offset[k, int(column[byte])] = chunk * _CHUNK + byte
-    shift = (torch.arange(GROUP_SIZE) % 8 // 4) * 4  # pairs 2, 3 of a chunk (inputs 4-7) are high nibbles
-    return offset, shift
 
 
 def repack(qweight: torch.Tensor, scales_zeros: torch.Tensor) -> GroupQuantBlocks:
@@ -118,28 +110,13 @@ def group_quant_linear(
 
 
 def embedding(ids: torch.Tensor, weight: GroupQuantBlocks, dtype: torch.dtype) -> torch.Tensor:
-    """Rows `ids` of W (N, K), decoded from the kernel's layout: (..., K) in `dtype`. Plain tensor
-    ops (inductor fuses them in a compiled model), reading only the bytes of the rows asked for."""
-    blocks, groups, group_bytes = weight.packed.shape
-    in_features = groups * GROUP_SIZE
-    flat_ids = ids.reshape(-1)
-    block, column = flat_ids // BLOCK_COLUMNS, flat_ids % BLOCK_COLUMNS
-    group_start = torch.arange(groups, device=ids.device) * group_bytes  # (K/32,)
-    if group_bytes == 4 * _CHUNK:  # see _chunk_order: the byte depends on the column too
-        offset, shift = _4bit_byte_of()
-        within = offset.to(ids.device)[:, column].T  # (T, 32)
-        index = (block * groups * group_bytes)[:, None, None] + group_start[None, :, None] + within[:, None, :]
-        codes = (weight.packed.view(-1)[index].to(torch.int32) >> shift.to(ids.device)) & 0x0F  # (T, K/32, 32)
-    else:  # input 4 c + i of a group: byte 4 j + i of chunk c
-        k = torch.arange(GROUP_SIZE, device=ids.device)
-        within = (k // 4 * _CHUNK + k % 4)[None, :] + 4 * column[:, None]  # (T, 32)
-        index = (block * groups * group_bytes)[:, None, None] + group_start[None, :, None] + within[:, None, :]
-        codes = weight.packed.view(-1)[index].to(torch.int32)
-    scale_index = (block * groups)[:, None] + torch.arange(groups, device=ids.device)[None, :]  # (T, K/32)
-    scales_mins = weight.scales_mins.view(blocks * groups, 2, BLOCK_COLUMNS)[scale_index]  # (T, K/32, 2, 16)
-    d_m = scales_mins.gather(3, column.view(-1, 1, 1, 1).expand(-1, groups, 2, 1)).squeeze(3).float()
-    rows = codes * d_m[..., :1] + d_m[..., 1:]
-    return rows.to(dtype).view(*ids.shape, in_features)
+    """Rows `ids` of W (N, K), decoded from the kernel's layout: (..., K) in `dtype`, each value
+    the float32 d q + m rounded once, as the dequantized table holds it. One C++ op
+    (`tessera::group_quant_embedding`) that reads only the rows' bytes: the ~15 tensor ops it
+    replaces took ~0.1 ms for one token and ~0.2 ms for 32 (docs/benchmarks.md)."""
+    out_dtype = dtype if dtype in (torch.bfloat16, torch.float32) else torch.float32
+    rows = torch.ops.tessera.group_quant_embedding(ids, weight.packed, weight.scales_mins, out_dtype)
+    return rows if rows.dtype == dtype else rows.to(dtype)
 
 
 class CpuGroupQuantKernel(GroupQuantKernel):

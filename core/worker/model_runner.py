@@ -117,10 +117,9 @@ class ModelRunner:
             if end == len(state.token_ids):
                 sampling_states.append(state)
                 sample_indices.append(len(input_ids) - 1)
+        # one tensor from padded lists: filling it row by row costs ~0.25 ms at 32 requests
         max_blocks = max(len(t) for t in tables)
-        block_tables = torch.zeros(len(tables), max_blocks, dtype=torch.int32)
-        for row, table in enumerate(tables):
-            block_tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        block_tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32)
         query_start = [0]
         for length in query_lens:
             query_start.append(query_start[-1] + length)

@@ -181,18 +181,29 @@ def test_each_weight_column_and_input_lands_in_its_place(bits):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_embedding_rows_decode_exactly(bits):
-    """Lookups read the rows of W from the packed groups: the values the groups encode, rounded
-    once to the activation dtype, as the dequantized table would give."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_embedding_rows_decode_exactly(bits, dtype):
+    """Lookups read the rows of W from the packed groups: the float32 values the groups encode,
+    rounded once to the activation dtype, as the dequantized table gives."""
     q, scales_zeros, weight = random_groups(64, 96, seed=4, bits=bits)
     blocks = cpu_quant.repack(q, scales_zeros)
     ids = torch.tensor([[0, 17, 63], [5, 5, 48]])
     scale, zero = scales_zeros[..., 0], scales_zeros[..., 1]
     d, m = scale.half().float(), (zero - 8 * scale).half().float()  # as the kernel stores them
     expected = q.float().view(64, 3, 32) * d[..., None] + m[..., None]
-    rows = cpu_quant.embedding(ids, blocks, torch.bfloat16)
-    assert rows.dtype == torch.bfloat16 and rows.shape == (2, 3, 96)
-    assert torch.equal(rows, expected.view(64, 96)[ids].to(torch.bfloat16))
+    rows = cpu_quant.embedding(ids, blocks, dtype)
+    assert rows.dtype == dtype and rows.shape == (2, 3, 96)
+    assert torch.equal(rows, expected.view(64, 96)[ids].to(dtype))
+    every_row = cpu_quant.embedding(torch.arange(64), blocks, torch.float32)
+    assert torch.equal(every_row, expected.view(64, 96))
+
+
+def test_an_embedding_id_outside_the_table_is_an_error():
+    q, scales_zeros, _ = random_groups(32, 64, seed=5)
+    blocks = cpu_quant.repack(q, scales_zeros)
+    for bad in (32, -1):
+        with pytest.raises(RuntimeError, match="outside the table's 32 rows"):
+            cpu_quant.embedding(torch.tensor([0, bad]), blocks, torch.bfloat16)
 
 
 def test_runs_inside_a_compiled_graph():

@@ -41,16 +41,17 @@
 #define CPU_CAPABILITY_AVX512
 #endif
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <vector>
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define TESSERA_GROUP_QUANT_LINEAR 1
-#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cstdint>
-#include <vector>
 #endif
 
 bool group_quant_linear_supported() {
@@ -567,11 +568,97 @@ torch::Tensor group_quant_gated_linear(const torch::Tensor&, const torch::Tensor
 
 #endif  // TESSERA_GROUP_QUANT_LINEAR
 
-// The op is called from compiled graphs, so it is registered with the dispatcher here rather than
-// wrapped in Python (which costs ~10 us a call, 1-2 ms a decode step). Its shape function (for
-// the compiler) is registered in backends/cpu/group_quant_linear.py.
-TORCH_LIBRARY_FRAGMENT(tessera, m) {
-  m.def("group_quant_linear(Tensor x, Tensor packed, Tensor scales_mins, Tensor? bias, ScalarType? out_dtype=None) -> Tensor");
+namespace {
+
+// Where input k (0..31) of column j (0..15) sits in one group of a block: its byte among the
+// group's and, for 4-bit codes, whether it is the byte's high nibble. The inverse of the layouts
+// at the top of this file (made by `repack`, backends/cpu/group_quant_linear.py).
+struct CodePlace {
+  int byte;
+  bool high;
+};
+
+CodePlace code_place(int bits, int k, int j) {
+  if (bits == 8) return {(k / 4) * 64 + 4 * j + k % 4, false};
+  // chunk k / 8 holds inputs 8c..8c+7 as pairs 0-3: pairs 0 and 1 in the low nibbles, 2 and 3 in
+  // the high ones; pair p's word for column j and input u is 2 j + u, and word w of 16-byte lane
+  // w / 8 comes from byte w % 8 of it (pairs 0 and 2) or byte 8 + w % 8 (pairs 1 and 3)
+  const int pair = (k % 8) / 2, word = 2 * j + k % 2;
+  return {(k / 8) * 64 + 16 * (word / 8) + 8 * (pair % 2) + word % 8, pair >= 2};
 }
 
-TORCH_LIBRARY_IMPL(tessera, CPU, m) { m.impl("group_quant_linear", &group_quant_linear); }
+// Rows `ids` of W, decoded: w = d q + m in float32, rounded once to Out, as the dequantized
+// table holds it (q d is exact in float32: a code of at most 8 bits times an fp16 scale).
+template <typename Out>
+void decode_rows(const int64_t* ids, int64_t count, int bits, int64_t groups, const uint8_t* packed,
+                 const at::Half* scales_mins, Out* out) {
+  const int64_t group_bytes = bits * 64, in_features = groups * 32;
+  CodePlace places[16][32];
+  for (int j = 0; j < 16; ++j)
+    for (int k = 0; k < 32; ++k) places[j][k] = code_place(bits, k, j);
+  // a row's codes are cache misses more than work (the table is read a few rows a step), so
+  // the threads share even a decode step's rows
+  at::parallel_for(0, count, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t block = ids[t] / 16;
+      const int j = static_cast<int>(ids[t] % 16);
+      for (int64_t g = 0; g < groups; ++g) {
+        const uint8_t* codes = packed + (block * groups + g) * group_bytes;
+        const at::Half* dm = scales_mins + (block * groups + g) * 32;  // 16 d, then 16 m
+        const float d = float(dm[j]), m = float(dm[16 + j]);
+        for (int k = 0; k < 32; ++k) {
+          const CodePlace place = places[j][k];
+          const int q = place.high ? codes[place.byte] >> 4 : bits == 4 ? codes[place.byte] & 0x0F : codes[place.byte];
+          out[t * in_features + g * 32 + k] = Out(float(q) * d + m);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// Rows `ids` (any shape, int64) of the weight packed for group_quant_linear: (..., K) in out_dtype
+// (bf16, the default, or float32). The embedding lookup of a token table kept in this layout.
+torch::Tensor group_quant_embedding(const torch::Tensor& ids, const torch::Tensor& packed,
+                                    const torch::Tensor& scales_mins, c10::optional<at::ScalarType> out_dtype) {
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.device().is_cpu(), "group_quant_embedding: ids must be int64 on the CPU");
+  TORCH_CHECK(packed.dim() == 3 && (packed.size(2) == 256 || packed.size(2) == 512) &&
+                  packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "group_quant_embedding: packed must be a contiguous (N/16, K/32, 256 or 512) uint8 tensor");
+  const int64_t rows = packed.size(0) * 16, groups = packed.size(1);
+  TORCH_CHECK(scales_mins.scalar_type() == at::kHalf && scales_mins.is_contiguous() &&
+                  scales_mins.numel() == packed.size(0) * groups * 32,
+              "group_quant_embedding: scales_mins must be a contiguous (N/16, K/32, 32) fp16 tensor");
+  const at::ScalarType dtype = out_dtype.value_or(at::kBFloat16);
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, "group_quant_embedding: out_dtype must be bf16 or float32");
+  const torch::Tensor flat = ids.reshape(-1).contiguous();
+  const int64_t* index = flat.data_ptr<int64_t>();
+  for (int64_t t = 0; t < flat.numel(); ++t)
+    TORCH_CHECK(index[t] >= 0 && index[t] < rows, "group_quant_embedding: id ", index[t], " is outside the table's ",
+                rows, " rows");
+  std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
+  shape.push_back(groups * 32);
+  torch::Tensor out = torch::empty(shape, packed.options().dtype(dtype));
+  const int bits = packed.size(2) == 256 ? 4 : 8;
+  if (dtype == at::kFloat)
+    decode_rows(index, flat.numel(), bits, groups, packed.data_ptr<uint8_t>(), scales_mins.data_ptr<at::Half>(),
+                out.data_ptr<float>());
+  else
+    decode_rows(index, flat.numel(), bits, groups, packed.data_ptr<uint8_t>(), scales_mins.data_ptr<at::Half>(),
+                out.data_ptr<at::BFloat16>());
+  return out;
+}
+
+// The ops are called from compiled graphs, so they are registered with the dispatcher here rather
+// than wrapped in Python (which costs ~10 us a call, 1-2 ms a decode step). Their shape functions
+// (for the compiler) are registered in backends/cpu/group_quant_linear.py.
+TORCH_LIBRARY_FRAGMENT(tessera, m) {
+  m.def("group_quant_linear(Tensor x, Tensor packed, Tensor scales_mins, Tensor? bias, ScalarType? out_dtype=None) -> Tensor");
+  m.def("group_quant_embedding(Tensor ids, Tensor packed, Tensor scales_mins, ScalarType? out_dtype=None) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tessera, CPU, m) {
+  m.impl("group_quant_linear", &group_quant_linear);
+  m.impl("group_quant_embedding", &group_quant_embedding);
+}
