@@ -215,6 +215,16 @@ def test_runs_inside_a_compiled_graph():
         assert_matches(compiled(x), 2 * expected_output(x, weight, 4), x, 2 * weight, 4)
 
 
+def test_the_embedding_runs_inside_a_compiled_graph():
+    """Models without the decoder stack compile their forward, lookup included (the op's shape
+    function is registered for that)."""
+    q, scales_zeros, _ = random_groups(48, 64, seed=6)
+    blocks = cpu_quant.repack(q, scales_zeros)
+    compiled = torch.compile(lambda ids: cpu_quant.embedding(ids, blocks, torch.bfloat16) * 2, dynamic=True, fullgraph=True)
+    for ids in (torch.tensor([0, 47, 16]), torch.tensor([5, 5, 31, 32, 1])):
+        assert torch.equal(compiled(ids), cpu_quant.embedding(ids, blocks, torch.bfloat16) * 2)
+
+
 def test_the_cpu_platform_offers_it_for_bf16_layers_of_whole_blocks():
     kernel = CpuPlatform().group_quant_kernel()
     assert kernel is not None
