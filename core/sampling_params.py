@@ -9,6 +9,9 @@ from tessera.core.errors import InvalidRequestError
 from tessera.core.interfaces.guided import GuidedConstraint
 
 _GREEDY_EPS = 1e-5
+# The most sequences one request may ask for (n, best_of): OpenAI's own limit for n. Each is a
+# request of its own in the engine, made when the request arrives.
+MAX_SEQUENCES_PER_REQUEST = 128
 
 
 def _bad(param: str, message: str) -> InvalidRequestError:
@@ -64,8 +67,12 @@ class SamplingParams:
         if self.n < 1:
             raise _bad("n", f"must be at least 1, got {self.n}")
         assert self.best_of is not None
+        if self.n > MAX_SEQUENCES_PER_REQUEST:
+            raise _bad("n", f"must be at most {MAX_SEQUENCES_PER_REQUEST}, got {self.n}")
         if self.best_of < self.n:
             raise _bad("best_of", f"must be >= n ({self.n}), got {self.best_of}")
+        if self.best_of > MAX_SEQUENCES_PER_REQUEST:
+            raise _bad("best_of", f"must be at most {MAX_SEQUENCES_PER_REQUEST}, got {self.best_of}")
         if self.best_of > self.n and not self.use_beam_search:
             if self.temperature < _GREEDY_EPS:
                 raise _bad("best_of", "must equal n when sampling greedily (temperature 0)")

@@ -139,9 +139,17 @@ def _engine_process_main(config: EngineConfig, input_address: str, output_addres
         outputs.send(pickle.dumps(("error", f"{exc}\n{traceback.format_exc()}")))
         raise SystemExit(1) from exc
 
+    parent = os.getppid()
+
     def next_command(block: bool) -> Command | None:
-        if not block and not inputs.poll(0):
-            return None
+        # Checked at every step and every second while idle: an API process killed outright (no
+        # "shutdown" sent) must not leave this process behind, holding the model and its cache.
+        while not inputs.poll(1000 if block else 0):
+            if os.getppid() != parent:
+                logger.error("the API process (pid %d) is gone; the engine process exits", parent)
+                return ("shutdown", None)
+            if not block:
+                return None
         return pickle.loads(inputs.recv())
 
     def emit(step_outputs: list[EngineCoreOutput], stats: EngineStats) -> None:

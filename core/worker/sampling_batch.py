@@ -98,7 +98,10 @@ def build_sampling_batch(states: list[RequestState], vocab_size: int, device: to
     return SamplingBatch(
         temperature=temperature.to(device),
         all_greedy=all_greedy,
-        top_k=tensor([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.long) if any_top_k else None,
+        # a top_k at or above the vocabulary keeps every token (any size is valid, 10**20 included)
+        top_k=tensor([min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params], torch.long)
+        if any_top_k
+        else None,
         top_p=tensor([p.top_p for p in params], torch.float32) if any_top_p else None,
         min_p=tensor([p.min_p for p in params], torch.float32) if any_min_p else None,
         presence_penalty=tensor([p.presence_penalty for p in params], torch.float32) if any_penalty else None,

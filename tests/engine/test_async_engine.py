@@ -103,6 +103,57 @@ def test_engine_process_death_is_reported(model_dir):
         asyncio.run(engine.shutdown())
 
 
+# A frontend that owns an engine process, prints that process's pid, then waits to be killed;
+# "busy" has a request running (the tiny model takes seconds for its 250 tokens), so the engine
+# is stepping when its parent dies.
+_FRONTEND = """
+import asyncio, sys
+from tessera.core.config import engine_config_from_kwargs
+from tessera.core.engine.async_engine import AsyncEngine
+from tessera.core.sampling_params import SamplingParams
+
+async def main():
+    config = engine_config_from_kwargs(sys.argv[1], dtype="float32", num_blocks_override=64)
+    engine = AsyncEngine(config, use_process=True)
+    if sys.argv[2] == "busy":
+        params = SamplingParams(max_tokens=250, ignore_eos=True)
+        stream = engine.generate([5, 6, 7], params, "long")
+        await stream.__anext__()
+    print(engine._client._process.pid, flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("state", ["idle", "busy"])
+def test_the_engine_process_exits_when_its_frontend_is_killed(model_dir, state):
+    import subprocess
+    import sys
+    import time
+
+    frontend = subprocess.Popen([sys.executable, "-c", _FRONTEND, model_dir, state], stdout=subprocess.PIPE, text=True)
+    try:
+        assert frontend.stdout is not None
+        engine_pid = int(frontend.stdout.readline())
+        frontend.kill()  # SIGKILL: no shutdown command reaches the engine
+        frontend.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _is_running(engine_pid):
+            time.sleep(0.2)
+        assert not _is_running(engine_pid), "the engine process outlived its frontend"
+    finally:
+        frontend.kill()
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().split(") ")[1][0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
 def test_beam_search_through_the_async_engine_equals_offline(model_dir):
     from tessera import LLM
 

@@ -39,6 +39,16 @@ def test_top_k_1_and_tiny_top_p_reduce_to_argmax():
     assert tokens == logits.argmax(-1).tolist()
 
 
+def test_a_top_k_beyond_the_vocabulary_keeps_every_token():
+    # 10**20 does not fit a tensor of int64: it killed the engine's step before it was clamped
+    logits = _logits(2)
+    for top_k in (VOCAB, VOCAB + 1, 10**20):
+        batch = build_sampling_batch([_state(SamplingParams(temperature=1.0, top_k=top_k))] * 2, VOCAB, torch.device("cpu"))
+        assert batch.top_k is not None and batch.top_k.tolist() == [VOCAB, VOCAB]
+        tokens, _ = sample(logits, batch)
+        assert all(0 <= t < VOCAB for t in tokens)
+
+
 def test_min_p_keeps_only_tokens_near_the_top():
     logits = torch.full((1, VOCAB), -10.0)
     logits[0, 7] = 5.0
