@@ -118,6 +118,14 @@ class SamplingParams:
                 raise _bad("temperature", "beam search is deterministic; leave temperature at its default")
             if self.guided is not None:
                 raise _bad("use_beam_search", "cannot be combined with guided decoding")
+            width = max(self.best_of, self.n)
+            if max_logprobs is not None and 2 * width > max_logprobs:
+                # each round ranks 2 x width candidates per beam, read from the top logprobs
+                raise _bad(
+                    "best_of" if self.best_of > self.n else "n",
+                    f"beam search of width {width} ranks {2 * width} candidates a step, above the server's "
+                    f"--max-logprobs ({max_logprobs}); the widest it allows is {max_logprobs // 2}",
+                )
         if self.early_stopping not in (True, False, "never"):
             raise _bad("early_stopping", "must be true, false or \"never\"")
         if vocab_size is not None:

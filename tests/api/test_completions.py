@@ -170,6 +170,8 @@ def test_stream_continuous_usage(http):
     ({"prompt": "Hi", "best_of": 1, "n": 2}, "best_of"),
     ({"prompt": "Hi", "n": 2**63}, "n"),  # each sequence is made on arrival: a huge n ate the memory
     ({"prompt": "Hi", "n": 2, "best_of": 129}, "best_of"),
+    ({"prompt": "Hi", "use_beam_search": True, "n": 11}, "n"),  # 22 candidates > --max-logprobs 20
+    ({"prompt": "Hi", "use_beam_search": True, "best_of": 11}, "best_of"),
     ({"prompt": "Hi", "guided_regex": "a+"}, "guided_regex"),
     ({"prompt": "Hi", "guided_choice": ["a"], "guided_regex": "a"}, "guided_choice"),
     ({"prompt": "Hi", "guided_json": "{not json"}, "guided_json"),
