@@ -79,6 +79,9 @@ def convert_value(action: argparse.Action, raw: Any) -> Any:
         value = action.type(raw)
     elif action.type is None and isinstance(raw, int | float) and not isinstance(raw, bool):
         value = str(raw)  # e.g. `api-key: 1234`
+    elif callable(action.type) and isinstance(raw, int | float) and not isinstance(raw, bool):
+        # a checked number (`port: 8000`) is checked as its text would be; a whole float is an int
+        value = action.type(str(int(raw)) if float(raw).is_integer() else str(raw))
     else:
         raise ValueError(f"expected a string, got {raw!r}")
     if action.choices is not None and value not in action.choices:

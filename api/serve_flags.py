@@ -182,12 +182,22 @@ def _add_tessera_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def port_number(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0..65535)")
+    return port
+
+
 def _add_server_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("HTTP server")
     group.add_argument(
         "--host", default=None, help="Host name to listen on (default: all interfaces)."
     )
-    group.add_argument("--port", type=int, default=8000, help="Port number.")
+    group.add_argument("--port", type=port_number, default=8000, help="Port number (0: any free port).")
     group.add_argument(
         "--uvicorn-log-level",
         default="info",

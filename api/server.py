@@ -8,6 +8,7 @@ import importlib
 import inspect
 import logging
 import signal
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -284,7 +285,15 @@ async def serve(ns: Any) -> int:
 
     _Server = _uvicorn_server_class()
 
-    engine = await build_engine(ns)
+    host, port = getattr(ns, "host", None) or "0.0.0.0", int(getattr(ns, "port", 8000))
+    # The port first, as vLLM does: a port in use is then an error in a second, not after the
+    # model has loaded, and nothing can take it while the engine starts.
+    listener = listening_socket(host, port)
+    try:
+        engine = await build_engine(ns)
+    except BaseException:
+        listener.close()
+        raise
     state = {"exit_code": 0}
     watchdog: asyncio.Task[None] | None = None
     stats_task: asyncio.Task[None] | None = None
@@ -293,8 +302,8 @@ async def serve(ns: Any) -> int:
         freeze_start_up_objects()
         config = uvicorn.Config(
             app,
-            host=getattr(ns, "host", None) or "0.0.0.0",
-            port=int(getattr(ns, "port", 8000)),
+            host=host,
+            port=listener.getsockname()[1],
             log_level=getattr(ns, "uvicorn_log_level", None) or "info",
             ssl_keyfile=getattr(ns, "ssl_keyfile", None),
             ssl_certfile=getattr(ns, "ssl_certfile", None),
@@ -306,15 +315,30 @@ async def serve(ns: Any) -> int:
         watchdog = asyncio.create_task(_watch_engine(engine, server, state))
         if not getattr(ns, "disable_log_stats", False):
             stats_task = asyncio.create_task(_log_stats(StatsLogger(engine, app.state.ctx.metrics)))
-        await server.serve()
+        await server.serve(sockets=[listener])
         if not server.started and state["exit_code"] == 0:
             state["exit_code"] = 1
     finally:
         for task in (watchdog, stats_task):
             if task is not None:
                 task.cancel()
+        listener.close()
         await engine.shutdown()
     return state["exit_code"]
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (not yet listening; uvicorn listens on it once the app is
+    built). A ConfigError says why it cannot be had: the port in use, a host not on this machine."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    return sock
 
 
 def _interrupt(signum: int, frame: Any) -> None:

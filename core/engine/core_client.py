@@ -18,6 +18,7 @@ from typing import Any
 from tessera.core.config import EngineConfig
 from tessera.core.engine.client import EngineStats, ModelInfo
 from tessera.core.engine.types import EngineCoreOutput
+from tessera.core.errors import TesseraError
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +137,12 @@ def _engine_process_main(config: EngineConfig, input_address: str, output_addres
         freeze_start_up_objects()
         outputs.send(pickle.dumps(("ready", (core.model_info, core.stats()))))
     except BaseException as exc:
-        outputs.send(pickle.dumps(("error", f"{exc}\n{traceback.format_exc()}")))
-        raise SystemExit(1) from exc
+        # A user's mistake (a bad flag value, a model that is not there) travels as itself, for
+        # the frontend to raise and report in one line; anything else with its traceback.
+        is_user_error = isinstance(exc, TesseraError)
+        outputs.send(pickle.dumps(("error", exc if is_user_error else f"{exc!r}\n{traceback.format_exc()}")))
+        context.destroy(linger=1000)
+        raise SystemExit(1) from None
 
     parent = os.getppid()
 
@@ -183,7 +188,14 @@ class MultiprocCoreClient:
             name="tessera-engine-core", daemon=True,
         )
         self._process.start()
-        self.model_info, self.initial_stats = self._wait_ready()
+        try:
+            self.model_info, self.initial_stats = self._wait_ready()
+        except BaseException:
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join(timeout=5)
+            self._close_transport()  # else the context's collection waits on its sockets forever
+            raise
         self._send_lock = threading.Lock()
         self._stopping = False
         self._reader = threading.Thread(target=self._read_outputs, name="tessera-core-reader", daemon=True)
@@ -196,6 +208,8 @@ class MultiprocCoreClient:
                 if kind == "ready":
                     return payload
                 self._process.join(timeout=10)
+                if isinstance(payload, TesseraError):
+                    raise payload
                 raise RuntimeError(f"the engine process failed to start: {payload}")
             if not self._process.is_alive():
                 raise RuntimeError(f"the engine process exited during start-up (code {self._process.exitcode})")
@@ -229,6 +243,9 @@ class MultiprocCoreClient:
                 self._process.kill()
                 self._process.join(timeout=5)
         self._reader.join(timeout=5)
+        self._close_transport()
+
+    def _close_transport(self) -> None:
         self._context.destroy(linger=0)
         for name in os.listdir(self._dir):
             os.unlink(os.path.join(self._dir, name))

@@ -78,7 +78,7 @@ def test_chat_with_tools_whole_and_streamed(server, reference):
 
 
 def _serve_fails(*flags: str) -> str:
-    cmd = [sys.executable, "-m", "tessera.api.cli", "serve", "--port", "1", *flags]
+    cmd = [sys.executable, "-m", "tessera.api.cli", "serve", "--port", "0", *flags]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     return done.stdout + done.stderr

@@ -17,6 +17,7 @@ from fake_engine import FakeEngine
 
 from tessera.api import server as server_module
 from tessera.api.args import parse_serve_args
+from tessera.core.errors import ConfigError
 
 
 def _free_port() -> int:
@@ -105,3 +106,20 @@ def test_yaml_config(tmp_path: Path, monkeypatch):
     assert r.status_code == 200
     assert r.json()["model"] == "a" and r.json()["choices"][0]["message"]["role"] == "bot"
     assert running.kill_engine_and_wait() == 1
+
+
+def test_a_port_in_use_fails_before_the_engine_starts(monkeypatch):
+    built = []
+
+    async def fake_build_engine(_ns):
+        built.append(True)
+        return FakeEngine()
+
+    monkeypatch.setattr(server_module, "build_engine", fake_build_engine)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ns = parse_serve_args(["--host", "127.0.0.1", "--port", str(taken.getsockname()[1])])
+        with pytest.raises(ConfigError, match="cannot listen on 127.0.0.1:.*in use"):
+            asyncio.run(server_module.serve(ns))
+    assert not built  # the model would have loaded for nothing

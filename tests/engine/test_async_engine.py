@@ -12,7 +12,7 @@ from fixtures_models import save_model
 
 from tessera.core.config import engine_config_from_kwargs
 from tessera.core.engine.async_engine import AsyncEngine
-from tessera.core.errors import EngineDeadError, QueueFullError
+from tessera.core.errors import ConfigError, EngineDeadError, QueueFullError
 from tessera.core.sampling_params import SamplingParams
 
 
@@ -82,6 +82,13 @@ def test_full_queue_is_refused(model_dir):
         asyncio.run(scenario())
     finally:
         asyncio.run(engine.shutdown())
+
+
+def test_a_bad_config_found_in_the_engine_process_is_raised_as_itself(model_dir):
+    # the model's own limit is only known once the engine process has read it; the frontend
+    # raises the same ConfigError, which `tessera serve` prints as one line (no tracebacks)
+    with pytest.raises(ConfigError, match="larger than the model's maximum length"):
+        _engine(model_dir, True, max_model_len=10**7)
 
 
 def test_engine_process_death_is_reported(model_dir):

@@ -156,6 +156,8 @@ def test_value_forms():
         (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
         (["--block-size", "7"], "argument --block-size: invalid choice: 7"),
         (["--port", "http"], "argument --port: invalid int value: 'http'"),
+        (["--port", "-1"], "argument --port: -1 is not a port number (0..65535)"),
+        (["--port", "65536"], "argument --port: 65536 is not a port number (0..65535)"),
         (["--allowed-origins", "*"], "argument --allowed-origins: not valid JSON"),
         (
             ["--enable-chunked-prefill", "maybe"],
@@ -216,7 +218,8 @@ def test_config_negated_boolean_key(tmp_path):
     [
         ("prot: 8000\n", "unknown key 'prot'"),
         ("dtype: float8\n", "dtype: invalid choice 'float8'"),
-        ("port: http\n", "port: invalid literal"),
+        ("port: http\n", "port: invalid int value: 'http'"),
+        ("port: 70000\n", "port: 70000 is not a port number"),
         ("port: 8000.0\n", None),  # a whole float is an int
         ("max-num-seqs: 2.5\n", "max-num-seqs: expected an integer"),
         ("host: [a]\n", "host: expected a string"),
