@@ -32,7 +32,7 @@ from tessera.api.protocol import (
 )
 from tessera.api.server_config import ServerConfig
 from tessera.api.serving_chat import ChatSettings, ServingChat
-from tessera.api.serving_common import ServingContext
+from tessera.api.serving_common import ServingContext, messages_chars, prepare_off_loop_if_large
 from tessera.api.serving_completions import ServingCompletions
 from tessera.api.serving_models import ServingModels
 from tessera.api.serving_tokenize import ServingTokenize
@@ -194,7 +194,12 @@ def build_app(engine: EngineClient, server_config: ServerConfig) -> FastAPI:
             request = TokenizeChatRequest.model_validate(body)
         else:
             request = TokenizeCompletionRequest.model_validate(body)
-        return JSONResponse(tokenize.tokenize(request).model_dump(exclude_none=True))
+        num_chars = (
+            messages_chars([m.model_dump() for m in request.messages])
+            if isinstance(request, TokenizeChatRequest) else len(request.prompt)
+        )
+        result = await prepare_off_loop_if_large(num_chars, lambda: tokenize.tokenize(request))
+        return JSONResponse(result.model_dump(exclude_none=True))
 
     @app.post("/detokenize")
     async def detokenize_endpoint(request: DetokenizeRequest) -> JSONResponse:

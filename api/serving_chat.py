@@ -37,8 +37,10 @@ from tessera.api.serving_common import (
     check_stream_options,
     collect,
     fit_max_tokens,
+    messages_chars,
     name_guided_param,
     new_request_id,
+    prepare_off_loop_if_large,
     sampling_params,
     truncate,
 )
@@ -181,12 +183,12 @@ class ServingChat:
         plan = plan_tools(request, enable_auto_tool_choice=settings.enable_auto_tool_choice,
                           tool_parser=settings.tool_call_parser)
         messages = [m.model_dump(exclude_none=True) for m in request.messages]
-        rendered = self.render(
+        rendered = await prepare_off_loop_if_large(messages_chars(messages), lambda: self.render(
             messages, add_generation_prompt=request.add_generation_prompt,
             continue_final_message=request.continue_final_message,
             add_special_tokens=request.add_special_tokens, chat_template=request.chat_template,
             chat_template_kwargs=request.chat_template_kwargs, tools=plan.tools, documents=request.documents,
-        )
+        ))
         prompt_ids = truncate(rendered.prompt_ids, request.truncate_prompt_tokens)
         check_prompt_ids(ctx, prompt_ids, param="messages")
         params = self._params(request, len(prompt_ids), plan)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 
@@ -25,6 +25,8 @@ from tessera.core.outputs import CompletionOutput, PositionLogprobs, RequestOutp
 from tessera.core.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -87,6 +89,33 @@ class ServingContext:
         shown_prompt = prompt[:limit] if (prompt is not None and limit is not None) else prompt
         shown_ids = prompt_ids[:limit] if limit is not None else prompt_ids
         logger.info("request %s: prompt=%r prompt_token_ids=%s params=%s", request_id, shown_prompt, shown_ids, params)
+
+
+# Prompt text past this many characters is tokenized on a worker thread. Tokenizing runs on the
+# event loop otherwise, and a 10 MB prompt held every other stream for 6 s (docs/server.md); the
+# tokenizers library releases the GIL while it encodes, so a thread keeps the streams flowing.
+# Below it a thread's hand-off would cost more than the encoding (~1 ms at 32k characters).
+OFF_LOOP_PROMPT_CHARS = 32_768
+
+
+async def prepare_off_loop_if_large(num_chars: int, prepare: Callable[[], T]) -> T:
+    """`prepare()` (tokenizing a prompt, rendering a chat) on a worker thread when its text is
+    long, inline otherwise."""
+    if num_chars > OFF_LOOP_PROMPT_CHARS:
+        return await anyio.to_thread.run_sync(prepare)
+    return prepare()
+
+
+def messages_chars(messages: list[dict[str, Any]]) -> int:
+    """The characters of text in chat messages (string contents and text parts)."""
+    total = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(part.get("text") or "") for part in content if isinstance(part, dict))
+    return total
 
 
 def new_request_id(prefix: str) -> str:

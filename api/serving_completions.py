@@ -31,6 +31,7 @@ from tessera.api.serving_common import (
     fit_max_tokens,
     name_guided_param,
     new_request_id,
+    prepare_off_loop_if_large,
     sampling_params,
     truncate,
 )
@@ -87,7 +88,9 @@ class ServingCompletions:
         if request.echo and request.logprobs is not None:
             prompt_logprobs = max(request.logprobs, prompt_logprobs or 0)
         prompts, all_params = [], []
-        for text, ids in self._prompts(request):
+        raw = request.prompt if isinstance(request.prompt, list) else [request.prompt]
+        num_chars = sum(len(item) for item in raw if isinstance(item, str))
+        for text, ids in await prepare_off_loop_if_large(num_chars, lambda: self._prompts(request)):
             ids = truncate(ids, request.truncate_prompt_tokens)
             check_prompt_ids(ctx, ids)
             max_tokens = fit_max_tokens(ctx, len(ids), request.max_tokens, "max_tokens")
