@@ -49,6 +49,17 @@ def test_a_top_k_beyond_the_vocabulary_keeps_every_token():
         assert all(0 <= t < VOCAB for t in tokens)
 
 
+def test_the_bias_row_is_built_once_and_the_min_tokens_ban_does_not_stick():
+    params = SamplingParams(logit_bias={5: 2.0}, min_tokens=2, stop_token_ids=[7], ignore_eos=True)
+    state = _state(params)
+    first = build_sampling_batch([state], VOCAB, torch.device("cpu")).logit_bias
+    assert first is not None and first[0, 5] == 2.0 and first[0, 7] == float("-inf")
+    state.token_ids += [1, 2]  # min_tokens reached: the ban lifts, the bias stays
+    later = build_sampling_batch([state], VOCAB, torch.device("cpu")).logit_bias
+    assert later is not None and later[0, 5] == 2.0 and later[0, 7] == 0.0
+    assert state.fixed_bias(VOCAB) is state.fixed_bias(VOCAB)
+
+
 def test_min_p_keeps_only_tokens_near_the_top():
     logits = torch.full((1, VOCAB), -10.0)
     logits[0, 7] = 5.0
