@@ -22,6 +22,7 @@ class RequestState:
     num_computed_tokens: int
     prompt_logprobs: list = field(default_factory=list)
     _fixed_bias: tuple[torch.Tensor | None] | None = field(default=None, repr=False, compare=False)
+    _prompt_vocab: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_output_tokens(self) -> int:
@@ -41,6 +42,14 @@ def _banned_until_min_tokens(params: SamplingParams) -> list[int]:
     if not params.ignore_eos:
         banned += list(params.eos_token_ids)
     return banned
+
+
+def _prompt_vocab(state: RequestState) -> torch.Tensor:
+    """The distinct token ids of the prompt (the repetition penalty's "seen" set), made once: made
+    at every step from a 6k-token prompt it cost ~0.4 ms a request."""
+    if state._prompt_vocab is None:
+        state._prompt_vocab = torch.tensor(state.token_ids[: state.num_prompt_tokens], dtype=torch.long).unique()
+    return state._prompt_vocab
 
 
 def _fixed_bias_row(params: SamplingParams, vocab_size: int) -> torch.Tensor | None:
@@ -78,8 +87,7 @@ def _penalty_tensors(states: list[RequestState], vocab_size: int) -> tuple[torch
             continue
         outputs = torch.tensor(state.token_ids[state.num_prompt_tokens :], dtype=torch.long)
         counts[row].scatter_add_(0, outputs, torch.ones(len(outputs), dtype=torch.float32))
-        prompt = torch.tensor(state.token_ids[: state.num_prompt_tokens], dtype=torch.long)
-        prompt_mask[row, prompt] = True
+        prompt_mask[row, _prompt_vocab(state)] = True
     return counts, prompt_mask
 
 
