@@ -64,6 +64,10 @@ class AsyncEngine:
             return
         assert params.best_of is not None
         child_ids = child_request_ids(request_id, params.best_of)
+        if params.guided is not None and self.input_processor.guided_validator is not None:
+            # Checked on a worker thread (the check is cached, so `process` below finds it done):
+            # a large JSON schema takes seconds to check, and on the event loop every stream waited.
+            await asyncio.to_thread(self.input_processor.guided_validator, params.guided)
         prompt_token_ids, core_requests = self.input_processor.process(
             request_id, list(prompt_token_ids), params, child_ids
         )

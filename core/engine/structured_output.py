@@ -31,13 +31,14 @@ def _normalize(name: str) -> str:
     return ALIASES.get(base, base)
 
 
-CompileKey = tuple[str, str, str, str | None]  # (backend, kind, spec, whitespace_pattern)
+# (requested backend, the server default when none, kind, spec, whitespace_pattern)
+CompileKey = tuple[str, str, str, str | None]
 
 
 @dataclass
 class _Request:
-    backend: str
-    future: Future[Any]
+    future: Future[tuple[str, Any]]  # (backend name, compiled grammar)
+    backend: str | None = None  # known once the future is done
     grammar: Grammar | None = None
     error: str | None = None
 
@@ -68,7 +69,7 @@ class StructuredOutputManager:
         self._backends: dict[str, GuidedDecodingBackend] = {}
         self._backend_lock = threading.Lock()
         self._resolved: dict[GuidedConstraint, str] = {}
-        self._compiled: OrderedDict[CompileKey, Future[Any]] = OrderedDict()
+        self._compiled: OrderedDict[CompileKey, Future[tuple[str, Any]]] = OrderedDict()
         self._max_cached = max_cached_grammars
         self._executor = ThreadPoolExecutor(max_compile_workers, thread_name_prefix="tessera-grammar")
         self._requests: dict[str, _Request] = {}
@@ -140,20 +141,27 @@ class StructuredOutputManager:
     # -- engine side ------------------------------------------------------------------------------
 
     def submit(self, request_id: str, constraint: GuidedConstraint) -> None:
-        """Start compiling (or reuse the compiled) grammar of a new request; returns at once."""
-        name = self.validate(constraint)
-        backend = self._backends[name]
-        key: CompileKey = (name, constraint.kind, constraint.spec, constraint.whitespace_pattern)
+        """Start compiling (or reuse the compiled) grammar of a new request; returns at once.
+
+        Choosing the backend happens on the compile thread too: checking a constraint can take
+        seconds (the JSON-schema check of a 3,000-property schema took ~5 s), and on the engine's
+        loop it held every running request's next token that long."""
+        requested = _normalize(constraint.backend) if constraint.backend else self.default_backend
+        key: CompileKey = (requested, constraint.kind, constraint.spec, constraint.whitespace_pattern)
         future = self._compiled.get(key)
         if future is None:
-            future = self._executor.submit(backend.compile, constraint)
+            future = self._executor.submit(self._resolve_and_compile, constraint)
             self._compiled[key] = future
             while len(self._compiled) > self._max_cached:
                 self._compiled.popitem(last=False)  # running requests keep their own future
         else:
             self.num_cache_hits += 1
             self._compiled.move_to_end(key)
-        self._requests[request_id] = _Request(name, future)
+        self._requests[request_id] = _Request(future)
+
+    def _resolve_and_compile(self, constraint: GuidedConstraint) -> tuple[str, Any]:
+        name = self.validate(constraint)
+        return name, self._backends[name].compile(constraint)
 
     def is_ready(self, request_id: str) -> bool:
         """Has the request's grammar compiled (or failed: see `compile_error`)? Never blocks."""
@@ -163,10 +171,12 @@ class StructuredOutputManager:
         if not request.future.done():
             return False
         try:
-            request.grammar = self._backends[request.backend].new_grammar(request.future.result())
+            request.backend, compiled = request.future.result()
+            request.grammar = self._backends[request.backend].new_grammar(compiled)
         except Exception as exc:  # compile failed: the engine must finish the request with this error
-            logger.warning("guided decoding: %s could not compile request %s: %s", request.backend, request_id, exc)
-            request.error = f"{request.backend} could not compile the constraint: {exc}"
+            backend = request.backend or "guided decoding"
+            logger.warning("guided decoding: %s could not compile request %s: %s", backend, request_id, exc)
+            request.error = f"{backend} could not compile the constraint: {exc}"
         return True
 
     def compile_error(self, request_id: str) -> str | None:

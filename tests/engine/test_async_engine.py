@@ -12,7 +12,7 @@ from fixtures_models import save_model
 
 from tessera.core.config import engine_config_from_kwargs
 from tessera.core.engine.async_engine import AsyncEngine
-from tessera.core.errors import ConfigError, EngineDeadError, QueueFullError
+from tessera.core.errors import ConfigError, EngineDeadError, InvalidRequestError, QueueFullError
 from tessera.core.sampling_params import SamplingParams
 
 
@@ -77,6 +77,38 @@ def test_full_queue_is_refused(model_dir):
             await engine.generate([5, 6], params, "3").__anext__()
         await first.aclose()
         await second.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        asyncio.run(engine.shutdown())
+
+
+def test_a_guided_constraint_is_checked_off_the_event_loop(model_dir):
+    import threading
+
+    from tessera.core.interfaces.guided import GuidedConstraint
+
+    engine = _engine(model_dir, False)
+    started, release = threading.Event(), threading.Event()
+    waits: list[bool] = []
+
+    def slow_check(constraint):  # a JSON-schema check can take seconds
+        started.set()
+        waits.append(release.wait(timeout=20))  # on the event loop, nothing would set `release`
+        raise InvalidRequestError("rejected after the check", param="guided_json")
+
+    engine.input_processor.guided_validator = slow_check
+
+    async def scenario():
+        params = SamplingParams(max_tokens=2, guided=GuidedConstraint("json", "{}"))
+        task = asyncio.ensure_future(_collect(engine, "g", params))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        release.set()  # the loop runs while the check waits
+        with pytest.raises(InvalidRequestError, match="rejected after the check"):
+            await task
+        assert waits == [True]
 
     try:
         asyncio.run(scenario())

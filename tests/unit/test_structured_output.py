@@ -45,6 +45,9 @@ class FakeGrammar(Grammar):
         return EOS in self.accepted
 
 
+SLOW_CHECK = threading.Event()  # holds the check of the constraint whose spec is "SLOW_CHECK"
+
+
 def fake_backend(name: str, unsupported: set[str], gate: threading.Event | None = None) -> type:
     class Backend(GuidedDecodingBackend):
         compiled: list[GuidedConstraint] = []  # noqa: RUF012 - per-class log of compile calls
@@ -53,6 +56,8 @@ def fake_backend(name: str, unsupported: set[str], gate: threading.Event | None 
         def unsupported_reason(self, constraint: GuidedConstraint) -> str | None:
             if constraint.spec == "INVALID":
                 raise InvalidRequestError("bad regex", param="guided_regex")
+            if constraint.spec == "SLOW_CHECK":
+                assert SLOW_CHECK.wait(timeout=30)
             return f"{name} cannot do {constraint.kind}" if constraint.kind in unsupported else None
 
         def compile(self, constraint: GuidedConstraint) -> Any:
@@ -169,6 +174,20 @@ def test_request_is_ready_only_after_its_grammar_compiled() -> None:
     gate.set()
     wait_compiled(manager, "r")
     assert manager.is_ready("r") and manager.compile_error("r") is None
+
+
+def test_submit_leaves_even_the_backend_check_to_the_compile_thread() -> None:
+    # a 3,000-property JSON schema took ~5 s to check; on the engine's loop every running request
+    # waited that long for its next token
+    manager, _ = make_manager()
+    SLOW_CHECK.clear()
+    try:
+        manager.submit("r", GuidedConstraint("json", "SLOW_CHECK"))  # returns while the check waits
+        assert not manager.is_ready("r")
+    finally:
+        SLOW_CHECK.set()
+    wait_compiled(manager, "r")
+    assert manager.compile_error("r") is None
 
 
 def test_grammar_bitmask_rows_accept_and_terminate() -> None:
