@@ -36,20 +36,19 @@ class RequestState:
             self._fixed_bias = (_fixed_bias_row(self.sampling_params, vocab_size),)
         return self._fixed_bias[0]
 
+    def prompt_vocab(self) -> torch.Tensor:
+        """The distinct token ids of the prompt (the repetition penalty's "seen" set), made once:
+        made at every step from a 6k-token prompt it cost ~0.4 ms a request."""
+        if self._prompt_vocab is None:
+            self._prompt_vocab = torch.tensor(self.token_ids[: self.num_prompt_tokens], dtype=torch.long).unique()
+        return self._prompt_vocab
+
 
 def _banned_until_min_tokens(params: SamplingParams) -> list[int]:
     banned = list(params.stop_token_ids)
     if not params.ignore_eos:
         banned += list(params.eos_token_ids)
     return banned
-
-
-def _prompt_vocab(state: RequestState) -> torch.Tensor:
-    """The distinct token ids of the prompt (the repetition penalty's "seen" set), made once: made
-    at every step from a 6k-token prompt it cost ~0.4 ms a request."""
-    if state._prompt_vocab is None:
-        state._prompt_vocab = torch.tensor(state.token_ids[: state.num_prompt_tokens], dtype=torch.long).unique()
-    return state._prompt_vocab
 
 
 def _fixed_bias_row(params: SamplingParams, vocab_size: int) -> torch.Tensor | None:
@@ -87,7 +86,7 @@ def _penalty_tensors(states: list[RequestState], vocab_size: int) -> tuple[torch
             continue
         outputs = torch.tensor(state.token_ids[state.num_prompt_tokens :], dtype=torch.long)
         counts[row].scatter_add_(0, outputs, torch.ones(len(outputs), dtype=torch.float32))
-        prompt_mask[row, _prompt_vocab(state)] = True
+        prompt_mask[row, state.prompt_vocab()] = True
     return counts, prompt_mask
 
 
